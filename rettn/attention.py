@@ -1,0 +1,226 @@
+"""Public attention operations: dense attention with lse, and block-sparse attention.
+
+Backends:
+- ``"triton"``: the block-sparse Triton kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+- ``"torch"``: gather-the-selected-blocks path; correct everywhere, fast on CPU at high sparsity.
+- ``"flex"``: ``torch.nn.attention.flex_attention`` with the same layout as a ``BlockMask``.
+``backend=None`` picks Triton for CUDA tensors when it is installed and supports the inputs,
+otherwise the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+
+from .kernels.reference import masked_attention_reference
+from .kernels.torch_sparse import torch_block_sparse_attention
+from .layout import BlockSparseLayout
+
+BACKENDS = ("triton", "torch", "flex")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "q, k, v must agree on batch and heads, and k, v on sequence length: got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.shape[3] == k.shape[3] == v.shape[3]):
+        raise ValueError(
+            f"q, k, v must share the head dim, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}"
+        )
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError("sequence lengths must be positive")
+
+
+def _scale(scale, q) -> float:
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    scale = float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return scale
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton():
+    if not triton_installed():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    from .kernels import triton_sparse
+
+    return triton_sparse
+
+
+def _flex_attention():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as e:  # pragma: no cover - torch >= 2.5 has it
+        raise RuntimeError("backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)") from e
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(_flex_attention(), dynamic=False)
+
+
+def _auto_backend(q, layout) -> str:
+    if q.device.type == "cuda" and triton_installed():
+        if _triton().unsupported_reason(q, layout) is None:
+            return "triton"
+    return "torch"
+
+
+def _resolve_backend(backend, q, layout) -> str:
+    if backend is None or backend == "auto":
+        return _auto_backend(q, layout)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+    if backend == "triton":
+        reason = _triton().unsupported_reason(q, layout)
+        if reason:
+            raise ValueError(reason)
+    if backend == "flex":
+        _flex_attention()
+    return backend
+
+
+def _check_layout(layout, q, k) -> None:
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a rettn.BlockSparseLayout, got {type(layout).__name__}")
+    if layout.seq_q != q.shape[2] or layout.seq_k != k.shape[2]:
+        raise ValueError(
+            f"layout is for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q has {q.shape[2]} "
+            f"and k has {k.shape[2]} tokens"
+        )
+    lb, lh, _ = layout.kv_num_blocks.shape
+    if lb not in (1, q.shape[0]) or lh not in (1, q.shape[1]):
+        raise ValueError(
+            f"layout has batch={lb}, heads={lh}; q has batch={q.shape[0]}, heads={q.shape[1]} "
+            "(each must match or be 1)"
+        )
+    if layout.device != q.device:
+        raise ValueError(
+            f"layout is on {layout.device} but q is on {q.device}; move it with layout.to(device)"
+        )
+
+
+def _flex_call(fn, q, k, v, block_mask, scale, return_lse):
+    """Call flex_attention, asking for the lse the way this torch version prefers."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        AuxRequest = None
+    with warnings.catch_warnings():  # eager flex on CPU warns that it is unfused: known, chosen
+        warnings.simplefilter("ignore", UserWarning)
+        if not return_lse:
+            return fn(q, k, v, block_mask=block_mask, scale=scale), None
+        if AuxRequest is None:
+            out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+        else:
+            out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            lse = aux.lse
+    return out, lse.float()
+
+
+def _flex_run(q, k, v, layout, scale, return_lse):
+    compiled = q.device.type == "cuda" or not return_lse  # compiled flex on CPU has no lse
+    fn = _compiled_flex() if compiled else _flex_attention()
+    block_mask = None if layout is None else layout.to_block_mask()
+    return _flex_call(fn, q, k, v, block_mask, scale, return_lse)
+
+
+def block_sparse_attention(q, k, v, layout, scale=None, return_lse=False, backend=None):
+    """Attention of q over the key blocks ``layout`` selects.
+
+    Args:
+        q, k, v: (B, H, S, D) tensors (strided views such as a transposed (B, S, H, D) work).
+        layout: a :class:`BlockSparseLayout` for (seq_q, seq_k); its batch/heads may be 1.
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp (B, H, Sq) float32: the natural log of the
+            softmax denominator of the scaled scores over the selected keys.
+        backend: ``None`` (auto), ``"triton"``, ``"torch"`` or ``"flex"``.
+
+    Returns ``out`` (q's shape and dtype) or ``(out, lse)``.
+    """
+    _check_qkv(q, k, v)
+    _check_layout(layout, q, k)
+    scale = _scale(scale, q)
+    name = _resolve_backend(backend, q, layout)
+    if name == "triton":
+        out, lse = _triton().triton_attention(q, k, v, layout, scale, return_lse)
+    elif name == "flex":
+        out, lse = _flex_run(q, k, v, layout, scale, return_lse)
+    else:
+        out, lse = torch_block_sparse_attention(q, k, v, layout, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _aten_flash_ok(q) -> bool:
+    d = q.shape[-1]
+    if q.device.type == "cpu":
+        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and d % 8 == 0
+        and d <= 256
+    )
+
+
+def _aten_flash(q, k, v, scale):
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale
+        )
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        out, lse = res[0], res[1]
+    return out, lse[..., : q.shape[2]].float()
+
+
+def attention_with_lse(q, k, v, scale=None, backend=None):
+    """Dense attention that also returns the log-sum-exp.
+
+    q, k, v: (B, H, S, D), possibly strided. Returns ``(out, lse)``: out like q, lse (B, H, Sq)
+    float32, the natural log of the softmax denominator of the scaled scores.
+
+    ``backend=None`` uses PyTorch's own flash kernels (CPU, and CUDA fp16/bf16), which return
+    the lse and keep memory bounded; otherwise the Triton kernel over all key blocks on CUDA.
+    ``"torch"`` forces the chunked plain reference, ``"triton"`` the Triton kernel and
+    ``"flex"`` FlexAttention without a mask.
+    """
+    _check_qkv(q, k, v)
+    scale = _scale(scale, q)
+    if backend is None or backend == "auto":
+        if _aten_flash_ok(q):
+            return _aten_flash(q, k, v, scale)
+        backend = "triton" if _auto_backend(q, None) == "triton" else "torch"
+    name = _resolve_backend(backend, q, None)
+    if name == "triton":
+        return _triton().triton_attention(q, k, v, None, scale, return_lse=True)
+    if name == "flex":
+        return _flex_run(q, k, v, None, scale, return_lse=True)
+    return masked_attention_reference(q, k, v, None, scale)

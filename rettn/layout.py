@@ -1,0 +1,263 @@
+"""Block-sparse layouts: which key blocks each query block attends.
+
+The metadata follows FlexAttention's ``BlockMask`` (``kv_num_blocks``, ``kv_indices``), so a
+layout converts to one for free, and ``to_dense()`` gives tests a reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _num_blocks(seq: int, block: int) -> int:
+    return (seq + block - 1) // block
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def block_sizes(seq: int, block: int, device=None) -> torch.Tensor:
+    """Real number of tokens in each block of a sequence of ``seq`` tokens (the tail may be short)."""
+    n = _num_blocks(seq, block)
+    sizes = torch.full((n,), block, dtype=torch.int64, device=device)
+    sizes[-1] = seq - (n - 1) * block
+    return sizes
+
+
+def _dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
+    """(B, H, nQ, nK) bool -> (counts (B, H, nQ) int32, indices (B, H, nQ, width) int32).
+
+    Selected indices come first, in increasing order; ``width`` defaults to the largest count.
+    """
+    counts = block_mask.sum(-1, dtype=torch.int32)
+    # A stable descending sort of the mask puts the selected block indices first, in order.
+    order = torch.sort(block_mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    if width is None:
+        width = max(int(counts.max()) if counts.numel() else 1, 1)
+    return counts, order[..., :width].to(torch.int32).contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseLayout:
+    """Which key blocks each query block attends, per batch row and head.
+
+    Attributes:
+        kv_num_blocks: (B, H, nQ) int32, how many key blocks query block ``r`` attends.
+        kv_indices: (B, H, nQ, max_kv) int32; row ``[b, h, r, :kv_num_blocks[b, h, r]]`` holds the
+            selected key-block indices in increasing order. Entries past the count are ignored.
+        block_q, block_k: block sizes in tokens.
+        seq_q, seq_k: sequence lengths in tokens (need not be multiples of the block sizes).
+
+    B and H may be 1 to broadcast one layout over every batch row or head (static patterns).
+    Every query block must attend at least one key block: a row with none is an error here,
+    not NaN at run time.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_q: int
+    block_k: int
+    seq_q: int
+    seq_k: int
+    validate: bool = True
+
+    def __post_init__(self):
+        _check_positive_int("block_q", self.block_q)
+        _check_positive_int("block_k", self.block_k)
+        _check_positive_int("seq_q", self.seq_q)
+        _check_positive_int("seq_k", self.seq_k)
+        n, idx = self.kv_num_blocks, self.kv_indices
+        if not isinstance(n, torch.Tensor) or not isinstance(idx, torch.Tensor):
+            raise TypeError("kv_num_blocks and kv_indices must be torch tensors")
+        if n.dtype != torch.int32 or idx.dtype != torch.int32:
+            raise TypeError(
+                f"kv_num_blocks and kv_indices must be int32, got {n.dtype} and {idx.dtype}"
+            )
+        if n.dim() != 3 or idx.dim() != 4 or idx.shape[:3] != n.shape:
+            raise ValueError(
+                "expected kv_num_blocks of shape (B, H, nQ) and kv_indices of shape "
+                f"(B, H, nQ, max_kv), got {tuple(n.shape)} and {tuple(idx.shape)}"
+            )
+        if n.device != idx.device:
+            raise ValueError("kv_num_blocks and kv_indices must be on the same device")
+        if n.shape[2] != self.num_q_blocks:
+            raise ValueError(
+                f"kv_num_blocks has {n.shape[2]} query blocks, but seq_q={self.seq_q} with "
+                f"block_q={self.block_q} needs {self.num_q_blocks}"
+            )
+        if idx.shape[3] < 1:
+            raise ValueError("kv_indices must have at least one column")
+        if self.validate:
+            self.check()
+
+    # ------------------------------------------------------------------ checks and views
+    def check(self) -> None:
+        """Full value check (costs a device sync on GPU): counts in [1, max_kv], indices in range."""
+        n, idx = self.kv_num_blocks, self.kv_indices
+        if n.numel() == 0:
+            return
+        if int(n.min()) < 1:
+            b, h, r = (int(x) for x in torch.nonzero(n < 1)[0])
+            raise ValueError(
+                f"query block {r} (batch {b}, head {h}) attends no key block; every query block "
+                "needs at least one (keep the diagonal block or a dense span)"
+            )
+        if int(n.max()) > idx.shape[3]:
+            raise ValueError(
+                f"kv_num_blocks has a count {int(n.max())} larger than kv_indices' {idx.shape[3]} columns"
+            )
+        valid = self._valid_mask()
+        used = idx[valid]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.num_k_blocks):
+            raise ValueError(
+                f"kv_indices must lie in [0, {self.num_k_blocks}) (seq_k={self.seq_k}, "
+                f"block_k={self.block_k}), got values in [{int(used.min())}, {int(used.max())}]"
+            )
+
+    @property
+    def num_q_blocks(self) -> int:
+        return _num_blocks(self.seq_q, self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return _num_blocks(self.seq_k, self.block_k)
+
+    @property
+    def max_kv(self) -> int:
+        return self.kv_indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_blocks.device
+
+    def _valid_mask(self) -> torch.Tensor:
+        cols = torch.arange(self.max_kv, device=self.device)
+        return cols < self.kv_num_blocks.unsqueeze(-1).long()
+
+    @classmethod
+    def from_dense(cls, block_mask: torch.Tensor, block_q: int, block_k: int, seq_q: int, seq_k: int):
+        """Build a layout from a bool block mask of shape (B, H, nQ, nK)."""
+        _check_positive_int("block_q", block_q)
+        _check_positive_int("block_k", block_k)
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
+            raise ValueError("block_mask must be a 4-D (B, H, nQ, nK) tensor")
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
+        nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
+        if tuple(block_mask.shape[2:]) != (nq, nk):
+            raise ValueError(
+                f"block_mask has {tuple(block_mask.shape[2:])} (nQ, nK) blocks, but seq_q={seq_q}, "
+                f"seq_k={seq_k} with blocks ({block_q}, {block_k}) need ({nq}, {nk})"
+            )
+        counts, indices = _dense_to_kv(block_mask)
+        return cls(counts, indices, block_q, block_k, seq_q, seq_k)
+
+    @classmethod
+    def dense(cls, seq_q: int, seq_k: int, block_q: int = 128, block_k: int = 128, device=None):
+        """Every query block attends every key block (one broadcast row for all batches and heads)."""
+        _check_positive_int("block_q", block_q)
+        _check_positive_int("block_k", block_k)
+        nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
+        counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+        indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+        return cls(counts, indices, block_q, block_k, seq_q, seq_k, validate=False)
+
+    def to_dense(self) -> torch.Tensor:
+        """The bool block mask (B, H, nQ, nK)."""
+        b, h, nq = self.kv_num_blocks.shape
+        mask = torch.zeros(b, h, nq, self.num_k_blocks + 1, dtype=torch.bool, device=self.device)
+        # Entries past the count go to a spare column that is dropped.
+        idx = torch.where(self._valid_mask(), self.kv_indices.long(), self.num_k_blocks)
+        mask.scatter_(-1, idx, True)
+        return mask[..., : self.num_k_blocks]
+
+    def density(self) -> float:
+        """Fraction of the seq_q x seq_k (query, key) token pairs that are computed.
+
+        Counted over real tokens: a partial tail block counts by its real size. Averaged over the
+        layout's batch rows and heads.
+        """
+        qs = block_sizes(self.seq_q, self.block_q, self.device).to(torch.float64)
+        ks = block_sizes(self.seq_k, self.block_k, self.device).to(torch.float64)
+        idx = self.kv_indices.long().clamp(0, self.num_k_blocks - 1)
+        per_row = torch.where(self._valid_mask(), ks[idx], 0.0).sum(-1)  # (B, H, nQ) keys per query
+        pairs = (per_row * qs).sum(-1)  # (B, H)
+        return float(pairs.mean() / (self.seq_q * self.seq_k))
+
+    def expand(self, batch: int, heads: int) -> "BlockSparseLayout":
+        """A view broadcast to (batch, heads); raises if the layout cannot broadcast."""
+        b, h, _ = self.kv_num_blocks.shape
+        if b not in (1, batch) or h not in (1, heads):
+            raise ValueError(
+                f"layout with batch={b}, heads={h} cannot be used for batch={batch}, heads={heads} "
+                "(each must match or be 1)"
+            )
+        if (b, h) == (batch, heads):
+            return self
+        n = self.kv_num_blocks.expand(batch, heads, -1)
+        idx = self.kv_indices.expand(batch, heads, -1, -1)
+        return BlockSparseLayout(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k, validate=False)
+
+    def to(self, device) -> "BlockSparseLayout":
+        return BlockSparseLayout(
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.block_q,
+            self.block_k,
+            self.seq_q,
+            self.seq_k,
+            validate=False,
+        )
+
+    def to_block_mask(self):
+        """This layout as a ``torch.nn.attention.flex_attention.BlockMask`` (FlexAttention).
+
+        The mask_mod encodes the layout itself (eager FlexAttention applies only the mask_mod);
+        blocks that touch a sequence tail are partial blocks, the rest are full blocks, so the
+        compiled kernel evaluates the mask_mod only where it must.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        dense = self.to_dense()
+        b_, h_, nq, nk = dense.shape
+        bq, bk, seq_q, seq_k = self.block_q, self.block_k, self.seq_q, self.seq_k
+
+        def layout_mask(b, h, q_idx, kv_idx):
+            inside = (q_idx < seq_q) & (kv_idx < seq_k)
+            return inside & dense[b % b_, h % h_, q_idx // bq, kv_idx // bk]
+
+        tail = torch.zeros(nq, nk, dtype=torch.bool, device=dense.device)
+        if seq_q % bq:
+            tail[-1, :] = True
+        if seq_k % bk:
+            tail[:, -1] = True
+        partial_n, partial_idx = _dense_to_kv(dense & tail, nk)
+        full_n, full_idx = _dense_to_kv(dense & ~tail, nk)
+        return BlockMask.from_kv_blocks(
+            partial_n,
+            partial_idx,
+            full_n,
+            full_idx,
+            BLOCK_SIZE=(bq, bk),
+            mask_mod=layout_mask,
+            seq_lengths=(seq_q, seq_k),
+        )
+
+    def __repr__(self) -> str:
+        b, h, nq = self.kv_num_blocks.shape
+        return (
+            f"BlockSparseLayout(batch={b}, heads={h}, seq_q={self.seq_q}, seq_k={self.seq_k}, "
+            f"block=({self.block_q}, {self.block_k}), blocks=({nq}, {self.num_k_blocks}), "
+            f"max_kv={self.max_kv}, density={self.density():.4f})"
+        )
+
+
+def ceil_blocks(keep: float, n: int) -> int:
+    """Number of blocks kept out of ``n`` for a keep fraction: ceil(keep * n), at least 1."""
+    return max(1, min(n, math.ceil(keep * n - 1e-9)))

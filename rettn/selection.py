@@ -1,0 +1,231 @@
+"""Block selection: which key blocks each query block keeps. Every function returns a
+:class:`~rettn.layout.BlockSparseLayout`.
+
+- :func:`topk`: dynamic, per (batch, head, query block), from mean-pooled Q and K blocks.
+- :func:`topk_mass`: dynamic, keeps blocks until their estimated softmax mass reaches a threshold.
+- :func:`window`: the paper's static 1-D band over the token index (images).
+- :func:`frame_window`: the paper's static video pattern: a window inside each frame plus the same
+  positions in every other frame.
+- :func:`add_dense_spans`: rows and columns of conditioning (text) tokens kept dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layout import BlockSparseLayout, _check_positive_int, _num_blocks, block_sizes, ceil_blocks
+
+Span = tuple[int, int]
+
+
+def _check_keep(keep, name: str = "keep") -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def _check_qk(q, k) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim"
+        )
+
+
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over the real tokens of each block: (B, H, S, D) -> (B, H, n_blocks, D) float32."""
+    b, h, s, d = x.shape
+    n = _num_blocks(s, block)
+    x = x.float()
+    pad = n * block - s
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    sums = x.reshape(b, h, n, block, d).sum(3)
+    return sums / block_sizes(s, block, x.device).to(sums.dtype).view(1, 1, n, 1)
+
+
+def diagonal_blocks(seq: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """For self-attention: the key block holding the middle token of each query block."""
+    starts = torch.arange(_num_blocks(seq, block_q), device=device) * block_q
+    mid = starts + (torch.clamp(seq - starts, max=block_q) - 1) // 2
+    return mid // block_k
+
+
+def _block_scores(q, k, block_q, block_k, scale):
+    qp, kp = _pool(q, block_q), _pool(k, block_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B, H, nQ, nK)
+
+
+def _sorted_layout(indices, block_q, block_k, seq_q, seq_k) -> BlockSparseLayout:
+    """Layout from (B, H, nQ, n) distinct block indices with the same count in every row."""
+    idx = torch.sort(indices, dim=-1).values.to(torch.int32).contiguous()
+    counts = torch.full(idx.shape[:3], idx.shape[3], dtype=torch.int32, device=idx.device)
+    return BlockSparseLayout(counts, idx, block_q, block_k, seq_q, seq_k, validate=False)
+
+
+def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scale=None,
+         dense_spans: Sequence[Span] = ()) -> BlockSparseLayout:
+    """Keep the top ``ceil(keep * nK)`` key blocks per (batch, head, query block).
+
+    Blocks are scored by the mean-pooled query block against the mean-pooled key block (times
+    ``scale``, default ``D ** -0.5``). In self-attention (``seq_q == seq_k``) the diagonal block
+    is always kept. ``dense_spans`` are (start, end) token ranges kept dense (see
+    :func:`add_dense_spans`).
+    """
+    _check_qk(q, k)
+    keep = _check_keep(keep)
+    block_q = _check_positive_int("block_q", block_q)
+    block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    scores = _block_scores(q, k, block_q, block_k, scale)
+    if seq_q == seq_k:
+        diag = diagonal_blocks(seq_q, block_q, block_k, q.device)
+        scores[:, :, torch.arange(len(diag), device=q.device), diag] = float("inf")
+    n = ceil_blocks(keep, scores.shape[-1])
+    layout = _sorted_layout(scores.topk(n, dim=-1).indices, block_q, block_k, seq_q, seq_k)
+    return add_dense_spans(layout, dense_spans) if dense_spans else layout
+
+
+def topk_mass(q, k, mass: float = 0.9, block_q: int = 128, block_k: int | None = None,
+              scale=None, max_keep: float = 1.0, dense_spans: Sequence[Span] = ()) -> BlockSparseLayout:
+    """Keep key blocks, best first, until their estimated share of the softmax mass reaches ``mass``.
+
+    A block's mass is estimated as ``size * exp(score)`` with the pooled score of :func:`topk`.
+    At most ``ceil(max_keep * nK)`` blocks are kept; the diagonal block always is.
+    """
+    _check_qk(q, k)
+    mass = _check_keep(mass, "mass")
+    max_keep = _check_keep(max_keep, "max_keep")
+    block_q = _check_positive_int("block_q", block_q)
+    block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    scores = _block_scores(q, k, block_q, block_k, scale)
+    nk = scores.shape[-1]
+    scores = scores + block_sizes(seq_k, block_k, q.device).float().log()
+    probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
+    before = probs.cumsum(-1) - probs  # mass of the better blocks
+    rank = torch.arange(nk, device=q.device)
+    take = (before < mass) & (rank < ceil_blocks(max_keep, nk))
+    take[..., 0] = True
+    mask = torch.zeros_like(take).scatter_(-1, order, take)
+    if seq_q == seq_k:
+        diag = diagonal_blocks(seq_q, block_q, block_k, q.device)
+        mask[:, :, torch.arange(len(diag), device=q.device), diag] = True
+    layout = BlockSparseLayout.from_dense(mask, block_q, block_k, seq_q, seq_k)
+    return add_dense_spans(layout, dense_spans) if dense_spans else layout
+
+
+def window(seq_len: int, keep: float, block_size: int = 128, dense_spans: Sequence[Span] = (),
+           device=None) -> BlockSparseLayout:
+    """The paper's image pattern at block granularity: a band of ``ceil(keep * nK)`` key blocks
+    centred on each query block's diagonal (shifted inward at the sequence ends so every row keeps
+    the same number). Same for every batch row and head (B = H = 1, broadcast).
+    """
+    seq_len = _check_positive_int("seq_len", seq_len)
+    keep = _check_keep(keep)
+    block_size = _check_positive_int("block_size", block_size)
+    nk = _num_blocks(seq_len, block_size)
+    n = ceil_blocks(keep, nk)
+    diag = diagonal_blocks(seq_len, block_size, block_size, device)
+    start = (diag - (n - 1) // 2).clamp(0, nk - n)
+    idx = (start.unsqueeze(-1) + torch.arange(n, device=device)).view(1, 1, -1, n)
+    layout = _sorted_layout(idx, block_size, block_size, seq_len, seq_len)
+    return add_dense_spans(layout, dense_spans) if dense_spans else layout
+
+
+def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_start: int = 0,
+                 seq_len: int | None = None, half_width: int | None = None,
+                 device=None) -> BlockSparseLayout:
+    """The paper's video (CogVideoX) pattern at block granularity.
+
+    Video tokens are laid out frame by frame (``grid = (frames, height, width)`` in tokens,
+    frame-major) starting at ``video_start``. Video token (f, i) keeps keys (f', i') with
+    ``|i - i'| <= half_width`` for every frame f' (default ``half_width = round(keep * h * w / 2)``,
+    the paper's +-21 at 3.1% on CogVideoX-2B). A key block is kept when any of its tokens is.
+    Tokens outside the video range (``seq_len`` defaults to ``video_start + frames*h*w``) are
+    conditioning tokens: their rows and columns stay dense.
+
+    Blocks round the pattern up: report ``layout.density()``, not ``keep``.
+    """
+    if len(grid) != 3:
+        raise ValueError(f"grid must be (frames, height, width) in tokens, got {tuple(grid)!r}")
+    frames, height, width = (_check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), grid))
+    keep = _check_keep(keep)
+    block_size = _check_positive_int("block_size", block_size)
+    per_frame = height * width
+    n_video = frames * per_frame
+    if isinstance(video_start, bool) or not isinstance(video_start, int) or video_start < 0:
+        raise ValueError(f"video_start must be a non-negative integer, got {video_start!r}")
+    seq_len = video_start + n_video if seq_len is None else _check_positive_int("seq_len", seq_len)
+    if video_start + n_video > seq_len:
+        raise ValueError(
+            f"grid {tuple(grid)} holds {n_video} video tokens starting at {video_start}, which does "
+            f"not fit a sequence of {seq_len} tokens (expected seq_len >= {video_start + n_video})"
+        )
+    if half_width is None:
+        half_width = int(round(keep * per_frame / 2))
+    elif isinstance(half_width, bool) or not isinstance(half_width, int) or half_width < 0:
+        raise ValueError(f"half_width must be a non-negative integer, got {half_width!r}")
+
+    nb = _num_blocks(seq_len, block_size)
+    pos = torch.arange(n_video, device=device) % per_frame  # in-frame index of each video token
+    rows = (torch.arange(n_video, device=device) + video_start) // block_size
+    covered = torch.zeros(nb, per_frame, device=device)
+    covered[rows, pos] = 1.0
+    # allowed[r, i'] = some query of block r sits within half_width of in-frame position i'.
+    allowed = F.max_pool1d(covered.unsqueeze(1), 2 * half_width + 1, stride=1, padding=half_width)
+    allowed = allowed.squeeze(1)[:, :per_frame] > 0
+    keys = torch.zeros(nb, nb * block_size, dtype=torch.bool, device=device)
+    keys[:, video_start : video_start + n_video] = allowed[:, pos]
+    mask = keys.view(nb, nb, block_size).any(-1)
+    video_blocks = torch.zeros(nb, dtype=torch.bool, device=device)
+    video_blocks[rows] = True
+    cond = torch.ones(seq_len, dtype=torch.bool, device=device)
+    cond[video_start : video_start + n_video] = False
+    cond_blocks = F.pad(cond, (0, nb * block_size - seq_len)).view(nb, block_size).any(-1)
+    mask[cond_blocks] = True
+    mask[:, cond_blocks] = True
+    return BlockSparseLayout.from_dense(mask.view(1, 1, nb, nb), block_size, block_size, seq_len, seq_len)
+
+
+def _span_blocks(spans: Sequence[Span], seq: int, block: int, device) -> torch.Tensor:
+    hit = torch.zeros(_num_blocks(seq, block), dtype=torch.bool, device=device)
+    for span in spans:
+        try:
+            start, end = (int(x) for x in span)
+        except (TypeError, ValueError):
+            raise ValueError(f"dense spans must be (start, end) token ranges, got {span!r}") from None
+        if not 0 <= start < end <= seq:
+            raise ValueError(
+                f"dense span {(start, end)} must satisfy 0 <= start < end <= {seq} (sequence length)"
+            )
+        hit[start // block : (end - 1) // block + 1] = True
+    return hit
+
+
+def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSparseLayout:
+    """Keep conditioning tokens dense: every query block overlapping a span attends all key
+    blocks, and every query block attends the key blocks overlapping a span.
+
+    ``spans`` are (start, end) token ranges of a self-attention sequence: e.g. ``[(0, 226)]`` for
+    CogVideoX's text (first), ``[(seq - n_text, seq)]`` for HunyuanVideo (last).
+    """
+    if layout.seq_q != layout.seq_k:
+        raise ValueError("dense spans apply to self-attention layouts (seq_q == seq_k)")
+    if not spans:
+        return layout
+    rows = _span_blocks(spans, layout.seq_q, layout.block_q, layout.device)
+    cols = _span_blocks(spans, layout.seq_k, layout.block_k, layout.device)
+    mask = layout.to_dense()
+    mask[:, :, rows] = True
+    mask[..., cols] = True
+    return BlockSparseLayout.from_dense(mask, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
+
+
+__all__ = ["topk", "topk_mass", "window", "frame_window", "add_dense_spans", "diagonal_blocks"]
