@@ -2,6 +2,8 @@
 
 from . import selection
 from .attention import BACKENDS, attention_with_lse, block_sparse_attention
+from .config import RettnConfig
+from .integration import RettnHandle, apply_rettention
 from .layout import BlockSparseLayout
 
 __version__ = "0.1.0"
@@ -9,6 +11,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BlockSparseLayout",
+    "RettnConfig",
+    "RettnHandle",
+    "apply_rettention",
     "attention_with_lse",
     "block_sparse_attention",
     "selection",

@@ -178,6 +178,29 @@ def block_sparse_attention(q, k, v, layout, scale=None, return_lse=False, backen
     return (out, lse) if return_lse else out
 
 
+def sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=None, backend=None):
+    """Re-ttention's sparse step: ``rho * block_sparse_attention(q, k, v, layout) + residual``.
+
+    ``rho`` (B, H, Sq) float32 and ``residual`` (B, H, Sq, D) (any float dtype, moved to q's
+    device if needed). On the Triton backend the rescale and the residual add are fused into the
+    kernel's epilogue; other backends apply them after the kernel. Returns q's dtype.
+    """
+    _check_qkv(q, k, v)
+    _check_layout(layout, q, k)
+    scale = _scale(scale, q)
+    residual = residual.to(q.device, non_blocking=True)
+    rho = rho.to(q.device, non_blocking=True)
+    name = _resolve_backend(backend, q, layout)
+    if name == "triton":
+        out, _ = _triton().triton_attention(q, k, v, layout, scale, rho=rho, residual=residual)
+        return out
+    if name == "flex":
+        out, _ = _flex_run(q, k, v, layout, scale, False)
+    else:
+        out, _ = torch_block_sparse_attention(q, k, v, layout, scale)
+    return torch.addcmul(residual.float(), out.float(), rho.float().unsqueeze(-1)).to(q.dtype)
+
+
 def _aten_flash_ok(q) -> bool:
     d = q.shape[-1]
     if q.device.type == "cpu":

@@ -188,3 +188,19 @@ def test_auto_backend_on_cpu_is_torch():
 
     q = torch.zeros(1, 1, 64, 64)
     assert att._resolve_backend(None, q, rettn.BlockSparseLayout.dense(64, 64, 64, 64)) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rescaled_sparse_step_matches_formula(backend, dtype):
+    q, k, v = qkv(2, 2, 200, 72, dtype, DEVICE, seed=13)
+    layout = random_layout(2, 2, 200, 200, BLOCK, seed=13, device=DEVICE)
+    g = torch.Generator().manual_seed(13)
+    rho = torch.rand(2, 2, 200, generator=g).to(DEVICE)
+    residual = torch.randn(2, 2, 200, 72, generator=g).to(DEVICE, dtype)
+    out = rettn.attention.sparse_attention_rescaled(q, k, v, layout, rho, residual, backend=backend)
+    plain = rettn.block_sparse_attention(q, k, v, layout, backend="torch").float()
+    expected = rho.unsqueeze(-1) * plain + residual.float()
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)

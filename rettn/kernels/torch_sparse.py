@@ -47,6 +47,7 @@ def torch_block_sparse_attention(
     bq, bk, nq, nk, m = lay.block_q, lay.block_k, lay.num_q_blocks, lay.num_k_blocks, lay.max_kv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if budget is None:
         budget = CPU_SCORE_BUDGET if dev.type == "cpu" else SCORE_BUDGET
 
@@ -76,14 +77,17 @@ def torch_block_sparse_attention(
         vg = vb.index_select(0, flat[s:e].reshape(-1)).view(n, m * bk, dv)
         bias = torch.where(key_ok[s:e], zero, neg_inf).unsqueeze(1)  # (n, 1, M*bk)
         scores = torch.baddbmm(bias, qb[s:e], kg.transpose(1, 2), alpha=scale)
-        # In-place softmax (no second score-sized buffer), keeping max and sum for the lse.
         mx = scores.amax(dim=-1, keepdim=True)
-        scores.sub_(mx).exp_()
-        denom = scores.sum(dim=-1, keepdim=True)
-        scores.div_(denom)
+        if grad:
+            scores = torch.exp(scores - mx)
+            denom = scores.sum(dim=-1, keepdim=True)
+            out_b[s:e] = torch.bmm(scores / denom, vg)
+        else:  # in-place softmax: no second score-sized buffer
+            scores.sub_(mx).exp_()
+            denom = scores.sum(dim=-1, keepdim=True)
+            torch.bmm(scores.div_(denom), vg, out=out_b[s:e])
         if return_lse:
             lse_b[s:e] = (mx + denom.log()).squeeze(-1)
-        torch.bmm(scores, vg, out=out_b[s:e])
 
     out = out_b.reshape(b, h, nq * bq, dv)[:, :, :sq]
     result = torch.empty_like(q) if dv == d else q.new_empty(b, h, sq, dv)

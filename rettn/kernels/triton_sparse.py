@@ -24,17 +24,19 @@ MAX_HEAD_DIM = 256
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX,
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, RHO, RES,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     s_ob, s_oh, s_os, s_od,
     s_nb, s_nh, s_nq,
     s_ib, s_ih, s_iq, s_ik,
+    s_rb, s_rh, s_rs, s_rd,
     H, SEQ_Q, SEQ_K, HEAD_D, qk_scale,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DENSE: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    EPILOGUE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -101,6 +103,14 @@ def _block_sparse_fwd(
         m_i = m_new
 
     acc = acc / l_i[:, None]
+    if EPILOGUE:  # Re-ttention sparse step: out = rho * O_sparse + R, fused
+        rho = tl.load(RHO + pid_bh * SEQ_Q + offs_m, mask=m_ok, other=1.0)
+        res = tl.load(
+            RES + b * s_rb + h * s_rh + offs_m[:, None] * s_rs + offs_d[None, :] * s_rd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = acc * rho[:, None] + res
     tl.store(
         O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
         acc.to(O.dtype.element_ty),
@@ -153,11 +163,15 @@ def triton_attention(
     scale: float,
     return_lse: bool = False,
     tiles: tuple[int, int] | None = None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ):
     """Sparse (``layout`` given) or dense (``layout=None``) attention of (B, H, S, D) tensors.
 
     Inputs may be strided (e.g. a (B, S, H, D) tensor viewed as (B, H, S, D)). Returns
     ``(out, lse)``; out has q's dtype and memory layout, lse is (B, H, Sq) float32 or None.
+    With ``rho`` (B, H, Sq) float32 and ``residual`` (B, H, Sq, D) the epilogue returns
+    ``rho * out + residual`` (the lse stays that of the plain sparse attention).
     """
     reason = unsupported_reason(q, layout)
     if reason:
@@ -186,15 +200,24 @@ def triton_attention(
         kv_num, kv_idx = layout.kv_num_blocks, layout.kv_indices
         n_strides, i_strides = kv_num.stride(), kv_idx.stride()
 
+    epilogue = rho is not None
+    if epilogue:
+        rho = rho.to(torch.float32).expand(b, h, sq).contiguous()
+        residual = residual.expand(b, h, sq, d)
+        r_strides = residual.stride()
+    else:
+        rho = residual = out
+        r_strides = (0, 0, 0, 0)
+
     grid = (triton.cdiv(sq, bm), b * h)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, kv_num, kv_idx,
+        q, k, v, out, lse, kv_num, kv_idx, rho, residual,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *n_strides, *i_strides,
+        *n_strides, *i_strides, *r_strides,
         h, sq, sk, d, scale * _LOG2E,
         LAYOUT_BQ=block_q, LAYOUT_BK=block_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DENSE=dense, STORE_LSE=return_lse,
+        DENSE=dense, STORE_LSE=return_lse, EPILOGUE=epilogue,
         UPCAST=q.device.type != "cuda",
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages,

@@ -1,0 +1,251 @@
+"""RettnConfig: what runs sparse, when, and how the Re-ttention statistics are used.
+
+Presets live as YAML files in the repository's ``configs/`` folder (packaged as
+``rettn.configs``) and load by name: ``RettnConfig.from_preset("cogvideox-2b")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+
+PATTERNS = ("topk", "window", "frame_window")
+RESELECT = ("cache", "step")
+BACKEND_CHOICES = (None, "triton", "torch", "flex")
+RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STEP_KINDS = ("dense", "cache", "sparse")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value) -> int | None:
+    """An int of bytes, or a string such as ``"8GB"`` / ``"512MiB"``; None means no limit."""
+    if value is None:
+        return None
+    if _is_int(value):
+        if value < 0:
+            raise ValueError(f"max_cache_bytes must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    raise ValueError(
+        f"max_cache_bytes must be a byte count or a size such as '8GB' or '512MiB', got {value!r}"
+    )
+
+
+@dataclass
+class RettnConfig:
+    """How rettn sparsifies a diffusion transformer's attention.
+
+    Sparsity
+        keep: fraction of key blocks each query block keeps, in (0, 1] (paper: 0.03125-0.0625).
+        pattern: ``"topk"`` (dynamic, per head, from pooled Q/K), ``"window"`` (the paper's 1-D
+            band, images) or ``"frame_window"`` (the paper's in-frame window + same positions in
+            every frame, video; needs the model's token grid).
+        block_size: tokens per block (128 on GPUs; the torch path takes any size).
+        dense_conditioning: keep text/conditioning tokens' rows and columns dense in joint
+            attention (CogVideoX, Flux, HunyuanVideo).
+        reselect: when top-k blocks are chosen: ``"cache"`` (at each cache step, reused by the
+            sparse steps after it, so the cached rho and R describe exactly the blocks used) or
+            ``"step"`` (fresh at every sparse step).
+
+    Schedule (each a step count, or a float fraction of the number of steps)
+        warmup: leading dense steps. refresh_interval: a cache step every N steps after warm-up
+            (the first step after warm-up is a cache step); steps in between are sparse.
+        dense_final: trailing dense steps. Paper: PixArt 20 steps -> warmup 5, interval 5;
+            CogVideoX 50 steps -> warmup 15, interval 5.
+        num_inference_steps: only needed for fractions or dense_final when rettn is applied to a
+            bare transformer (with a pipeline it is read from the pipeline's scheduler).
+
+    Statistics (use_rho and use_residual both False = plain sparse attention; use_residual only
+    = DiTFastAttn-style window + residual sharing; both = Re-ttention)
+        ramp: the paper's lambda: rho grows by ``ramp`` after each sparse step (paper 0.04).
+        clamp_rho: keep the ramped rho in (0, 1] (the paper's code does not clamp).
+
+    Which attention runs sparse
+        sparse_cross_attention: also sparsify cross-attention (top-k only); default dense.
+        skip_layers: indices (in model order) of self-attention layers that stay dense.
+        min_seq_len: layers whose sequence is shorter stay dense (sparse does not pay there).
+
+    Memory and kernels
+        residual_dtype: dtype of the cached R (``None`` = the attention's dtype).
+        residual_device: ``None`` (next to the activations) or ``"cpu"`` (offload).
+        max_cache_bytes: budget for cached rho + R; exceeding it is an error at the start of a
+            generation (before any step runs sparse), naming the bytes needed.
+        backend: kernel backend for sparse attention (``None`` = auto).
+    """
+
+    keep: float = 0.0625
+    pattern: str = "topk"
+    block_size: int = 128
+    dense_conditioning: bool = True
+    reselect: str = "cache"
+    warmup: int | float = 0.3
+    refresh_interval: int | float = 5
+    dense_final: int | float = 0
+    num_inference_steps: int | None = None
+    ramp: float = 0.04
+    clamp_rho: bool = True
+    use_rho: bool = True
+    use_residual: bool = True
+    sparse_cross_attention: bool = False
+    skip_layers: list[int] = field(default_factory=list)
+    min_seq_len: int = 1024
+    residual_dtype: str | None = None
+    residual_device: str | None = None
+    max_cache_bytes: int | str | None = None
+    backend: str | None = None
+
+    def __post_init__(self):
+        if not _is_number(self.keep) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        self.keep = float(self.keep)
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if not _is_int(self.block_size) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.reselect not in RESELECT:
+            raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
+        for name in ("warmup", "dense_final"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0 or (isinstance(v, float) and v > 1):
+                raise ValueError(
+                    f"{name} must be a step count (int >= 0) or a fraction of the steps (float in "
+                    f"[0, 1]), got {v!r}"
+                )
+        r = self.refresh_interval
+        if not _is_number(r) or r <= 0 or (isinstance(r, float) and r > 1):
+            raise ValueError(
+                "refresh_interval must be a step count (int >= 1) or a fraction of the steps "
+                f"(float in (0, 1]), got {r!r}"
+            )
+        n = self.num_inference_steps
+        if n is not None and (not _is_int(n) or n <= 0):
+            raise ValueError(f"num_inference_steps must be a positive integer or None, got {n!r}")
+        if not _is_number(self.ramp) or self.ramp < 0:
+            raise ValueError(f"ramp (the paper's lambda) must be a number >= 0, got {self.ramp!r}")
+        for name in ("dense_conditioning", "clamp_rho", "use_rho", "use_residual", "sparse_cross_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.sparse_cross_attention and self.pattern != "topk":
+            raise ValueError("sparse_cross_attention needs pattern='topk' (windows are for self-attention)")
+        if not isinstance(self.skip_layers, (list, tuple)) or not all(
+            _is_int(i) and i >= 0 for i in self.skip_layers
+        ):
+            raise ValueError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
+        self.skip_layers = list(self.skip_layers)
+        if not _is_int(self.min_seq_len) or self.min_seq_len < 0:
+            raise ValueError(f"min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
+        if self.residual_dtype is not None and self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(
+                f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)} or None, got {self.residual_dtype!r}"
+            )
+        if self.residual_device not in (None, "cpu"):
+            raise ValueError(f"residual_device must be None or 'cpu', got {self.residual_device!r}")
+        self.max_cache_bytes = parse_bytes(self.max_cache_bytes)
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RettnConfig":
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown RettnConfig field(s) {unknown}; allowed: {cls.field_names()}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "RettnConfig":
+        """Load ``configs/<name>.yaml`` and apply keyword overrides."""
+        values = load_preset(name)["config"]
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "RettnConfig":
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"unknown RettnConfig field(s) {unknown}; allowed: {self.field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- schedule
+    def _steps(self, value, n: int) -> int:
+        return int(round(value * n)) if isinstance(value, float) else int(value)
+
+    def needs_num_steps(self) -> bool:
+        fields = (self.warmup, self.refresh_interval, self.dense_final)
+        return any(isinstance(v, float) for v in fields) or self.dense_final != 0
+
+    def schedule(self, num_steps: int | None) -> "Schedule":
+        """The step kinds for a generation of ``num_steps`` steps."""
+        if num_steps is None:
+            if self.needs_num_steps():
+                raise ValueError(
+                    "the schedule uses fractions or dense_final, so it needs the number of steps: "
+                    "apply rettn to the pipeline (not the bare transformer), or set "
+                    "RettnConfig(num_inference_steps=N) / handle.set_num_inference_steps(N)"
+                )
+            return Schedule(self._steps(self.warmup, 1), max(1, self._steps(self.refresh_interval, 1)), None)
+        warmup = self._steps(self.warmup, num_steps)
+        interval = max(1, self._steps(self.refresh_interval, num_steps))
+        final = self._steps(self.dense_final, num_steps)
+        return Schedule(warmup, interval, num_steps - final)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Resolved schedule: dense below ``warmup`` and from ``dense_from`` on; a cache step at
+    ``warmup``, ``warmup + interval``, ...; sparse steps in between."""
+
+    warmup: int
+    interval: int
+    dense_from: int | None
+
+    def kind(self, step: int) -> str:
+        if step < self.warmup or (self.dense_from is not None and step >= self.dense_from):
+            return "dense"
+        return "cache" if (step - self.warmup) % self.interval == 0 else "sparse"
+
+    def last_cache_step(self, step: int) -> int:
+        return self.warmup + ((step - self.warmup) // self.interval) * self.interval
+
+    def kinds(self, num_steps: int) -> list[str]:
+        return [self.kind(i) for i in range(num_steps)]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("rettn.configs").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("arch-"))
+
+
+def load_preset(name: str) -> dict:
+    """The parsed preset file: ``{"config": {...}, "family": ..., "tuned": ..., "notes": ...}``."""
+    import yaml
+
+    if not isinstance(name, str) or name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; available presets: {preset_names()}")
+    text = resources.files("rettn.configs").joinpath(f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    if "config" not in data or not isinstance(data["config"], dict):
+        raise ValueError(f"preset {name!r} has no 'config' mapping")
+    return data

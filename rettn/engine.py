@@ -1,0 +1,321 @@
+"""The Re-ttention engine: step tracking, per-layer statistics, and the sparse / cache / dense
+decision for each attention call.
+
+Cache step (dense): ``O_d, lse_d = attention_with_lse``; ``O_s, lse_s`` = sparse attention with
+lse on the same layout; ``rho = exp(lse_s - lse_d)``, ``R = O_d - rho * O_s``; output ``O_d``.
+Sparse step: output ``rho_c * O_s + R_c`` with ``rho_c`` ramped by ``ramp`` after each sparse
+step (the first sparse step after a cache step uses it unchanged), clamped to (0, 1].
+State is kept per (layer, CFG branch[, batch row]) and reset at every new generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import selection
+from .attention import attention_with_lse, block_sparse_attention, sparse_attention_rescaled
+from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
+from .layout import BlockSparseLayout
+
+RHO_FLOOR = 1e-6
+
+
+@dataclass
+class CacheEntry:
+    """Statistics of one (layer, branch) from its last cache step."""
+
+    step: int
+    layout: BlockSparseLayout
+    density: float
+    rho: torch.Tensor | None  # (B, H, Sq) float32
+    residual: torch.Tensor | None  # (B, H, Sq, D)
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rho, self.residual) if t is not None)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    kind: str
+    forwards: int = 0  # transformer calls in this step (CFG branches called separately count)
+    sparse_calls: int = 0  # attention calls that ran the sparse kernel (sparse or cache steps)
+    dense_calls: int = 0  # attention calls of sparse-eligible layers that ran dense
+    density_sum: float = 0.0
+
+    @property
+    def density(self) -> float | None:
+        return self.density_sum / self.sparse_calls if self.sparse_calls else None
+
+
+@dataclass
+class Stats:
+    """What a generation did, step by step. ``print(stats)`` shows a table."""
+
+    family: str
+    num_inference_steps: int | None
+    steps: list[StepRecord]
+    cached_bytes: int
+    peak_cached_bytes: int
+    generations: int
+
+    def counts(self) -> dict:
+        out = {"dense": 0, "cache": 0, "sparse": 0}
+        for s in self.steps:
+            out[s.kind] += 1
+        return out
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.steps]
+
+    def mean_density(self) -> float | None:
+        """Mean counted density over the attention calls that ran sparse (text rows included)."""
+        n = sum(s.sparse_calls for s in self.steps)
+        return sum(s.density_sum for s in self.steps) / n if n else None
+
+    def __str__(self) -> str:
+        c = self.counts()
+        d = self.mean_density()
+        lines = [
+            f"rettn stats: family={self.family} steps={len(self.steps)} "
+            f"(dense {c['dense']}, cache {c['cache']}, sparse {c['sparse']}), "
+            f"mean counted density {'-' if d is None else f'{d:.4f}'}, "
+            f"cached {self.cached_bytes / 2**20:.1f} MiB (peak {self.peak_cached_bytes / 2**20:.1f} MiB)",
+            "step | kind   | forwards | sparse calls | dense calls | density",
+        ]
+        for s in self.steps:
+            dens = "-" if s.density is None else f"{s.density:.4f}"
+            lines.append(f"{s.step:4d} | {s.kind:6s} | {s.forwards:8d} | {s.sparse_calls:12d} | "
+                         f"{s.dense_calls:11d} | {dens}")
+        return "\n".join(lines)
+
+
+class StepTracker:
+    """Knows the denoising step and CFG branch from the transformer's own calls.
+
+    A call whose timestep is higher than the previous one (or the first call) starts a new
+    generation; an equal timestep is another call of the same step (Wan calls cond, then uncond);
+    a lower one is the next step.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.prev_t: float | None = None
+        self.step = -1
+        self.branch = 0
+        self.generations = 0
+
+    def on_forward(self, t: float) -> bool:
+        """Advance on a transformer call with timestep ``t``; True when a new generation starts."""
+        new_gen = self.prev_t is None or t > self.prev_t
+        if new_gen:
+            self.generations += 1
+            self.step, self.branch = 0, 0
+        elif t == self.prev_t:
+            self.branch += 1
+        else:
+            self.step += 1
+            self.branch = 0
+        self.prev_t = t
+        return new_gen
+
+    def __repr__(self):
+        return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
+
+
+@dataclass
+class CallInfo:
+    """What the integration knows about one attention call."""
+
+    layer: int  # index of the layer among the sparse-eligible ones
+    kind: str  # "self" or "cross"
+    dense_spans: list = field(default_factory=list)
+    grid: tuple | None = None
+    text_first: int = 0  # tokens before the video range (frame_window's video_start)
+    row: int | None = None  # batch row when a key-padding mask split the batch
+
+
+class Engine:
+    """Holds one patched model's Re-ttention state; the integration calls :meth:`attend`."""
+
+    def __init__(self, config: RettnConfig, n_layers: int, family: str):
+        self.config = config
+        self.n_layers = n_layers
+        self.family = family
+        self.tracker = StepTracker()
+        self.num_steps: int | None = config.num_inference_steps
+        self.schedule: Schedule | None = None
+        self.cache: dict[tuple, CacheEntry] = {}
+        self.static_layouts: dict[tuple, BlockSparseLayout] = {}
+        self.records: list[StepRecord] = []
+        self.peak_bytes = 0
+        self.budget_checked: set = set()
+
+    # ----------------------------------------------------------------- lifecycle
+    def reset(self):
+        """Forget all statistics and step history (the next call starts a new generation)."""
+        self.tracker.reset()
+        self.cache.clear()
+        self.records = []
+        self.peak_bytes = 0
+        self.budget_checked = set()
+
+    def start_generation(self, num_steps: int | None):
+        self.cache.clear()
+        self.records = []
+        self.budget_checked = set()
+        if num_steps is not None:
+            self.num_steps = num_steps
+        self.schedule = self.config.schedule(self.num_steps)
+
+    def on_forward(self, timestep: float, num_steps_fn=None):
+        if self.tracker.on_forward(timestep):
+            self.start_generation(num_steps_fn() if num_steps_fn else None)
+        step = self.tracker.step
+        if not self.records or self.records[-1].step != step:
+            self.records.append(StepRecord(step, self.step_kind()))
+        self.records[-1].forwards += 1
+
+    def step_kind(self) -> str:
+        if self.schedule is None:
+            return "dense"
+        return self.schedule.kind(self.tracker.step)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(e.nbytes for e in self.cache.values())
+
+    def stats(self) -> Stats:
+        return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
+                     self.peak_bytes, self.tracker.generations)
+
+    # ----------------------------------------------------------------- selection
+    def _layout(self, q, k, info: CallInfo) -> BlockSparseLayout:
+        cfg = self.config
+        bs = cfg.block_size
+        spans = info.dense_spans if cfg.dense_conditioning else []
+        if info.kind == "cross" or cfg.pattern == "topk":
+            return selection.topk(q, k, cfg.keep, block_q=bs, dense_spans=spans if info.kind == "self" else ())
+        seq = q.shape[2]
+        key = (cfg.pattern, seq, tuple(spans), info.grid, info.text_first, q.device)
+        layout = self.static_layouts.get(key)
+        if layout is None:
+            if cfg.pattern == "window":
+                layout = selection.window(seq, cfg.keep, bs, dense_spans=spans, device=q.device)
+            else:
+                if info.grid is None:
+                    raise ValueError(
+                        f"pattern='frame_window' needs the token grid (frames, height, width), which "
+                        f"rettn cannot read for this {self.family} call; use pattern='topk' or 'window'"
+                    )
+                layout = selection.frame_window(info.grid, cfg.keep, bs, video_start=info.text_first,
+                                                seq_len=seq, device=q.device)
+            self.static_layouts[key] = layout
+        return layout
+
+    # ----------------------------------------------------------------- memory
+    def _entry_bytes(self, q) -> int:
+        b, h, s, d = q.shape
+        rdt = RESIDUAL_DTYPES.get(self.config.residual_dtype, q.dtype)
+        per = 0
+        if self.config.use_rho:
+            per += b * h * s * 4
+        if self.config.use_residual:
+            per += b * h * s * d * torch.empty((), dtype=rdt).element_size()
+        return per
+
+    def _check_budget(self, q, info: CallInfo):
+        """At the first call of each CFG branch in a generation: would the statistics for every
+        sparse layer fit the budget? An error now, not an out-of-memory crash mid-generation."""
+        budget = self.config.max_cache_bytes
+        branch = self.tracker.branch
+        if budget is None or branch in self.budget_checked:
+            return
+        self.budget_checked.add(branch)
+        need = self._entry_bytes(q) * self.n_layers * len(self.budget_checked)
+        if need > budget:
+            raise MemoryError(
+                f"rettn would cache {need / 2**30:.2f} GiB of Re-ttention statistics (rho + R for "
+                f"{self.n_layers} layers x {len(self.budget_checked)} CFG branch(es), attention "
+                f"{tuple(q.shape)}), over max_cache_bytes={budget / 2**30:.2f} GiB. Options: "
+                "residual_dtype='float16' or 'bfloat16', residual_device='cpu' (offload), "
+                "skip_layers=[...] (fewer cached layers), use_residual=False, or a larger budget."
+            )
+
+    # ----------------------------------------------------------------- the call
+    def attend(self, q, k, v, scale, info: CallInfo):
+        """Output for this attention call, or None to let the model's own dense attention run."""
+        cfg = self.config
+        kind = self.step_kind()
+        record = self.records[-1] if self.records else None
+        if info.layer in cfg.skip_layers or q.shape[2] < cfg.min_seq_len:
+            if record is not None and kind != "dense":
+                record.dense_calls += 1
+            return None
+        self._check_budget(q, info)
+        if kind == "dense":
+            return None
+        key = (info.layer, self.tracker.branch, info.row)
+        entry = self.cache.get(key)
+        if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
+            kind = "cache"  # no statistics for this call (new shape or branch): refresh them
+        if kind == "cache":
+            out = self._cache_step(q, k, v, scale, info, key)
+            record.sparse_calls += 1
+            record.density_sum += self.cache[key].density
+            return out
+        return self._sparse_step(q, k, v, scale, info, entry, record)
+
+    def _cache_step(self, q, k, v, scale, info, key):
+        cfg = self.config
+        layout = self._layout(q, k, info)
+        density = layout.density()
+        rho = residual = None
+        if cfg.use_rho or cfg.use_residual:
+            out_d, lse_d = attention_with_lse(q, k, v, scale=scale)
+            out_s, lse_s = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True,
+                                                  backend=cfg.backend)
+            rho_full = torch.exp(lse_s - lse_d).clamp_(RHO_FLOOR, 1.0)
+            rho = rho_full if cfg.use_rho else None
+            if cfg.use_residual:
+                weight = rho_full if cfg.use_rho else torch.ones_like(rho_full)
+                r = out_d.float() - weight.unsqueeze(-1) * out_s.float()
+                rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
+                residual = r.to(device=cfg.residual_device or q.device, dtype=rdt)
+            if cfg.residual_device == "cpu" and rho is not None:
+                rho = rho.cpu()
+        else:
+            out_d = None  # plain sparse: the model's own dense attention runs at cache steps
+        self.cache[key] = CacheEntry(self.tracker.step, layout, density, rho, residual, tuple(q.shape))
+        self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
+        return out_d
+
+    def _sparse_step(self, q, k, v, scale, info, entry: CacheEntry, record: StepRecord):
+        cfg = self.config
+        if cfg.reselect == "step" and cfg.pattern == "topk":
+            layout = self._layout(q, k, info)
+            density = layout.density()
+        else:
+            layout, density = entry.layout, entry.density
+        record.sparse_calls += 1
+        record.density_sum += density
+        if entry.rho is None and entry.residual is None:
+            return block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
+        b, h, s, d = q.shape
+        if entry.rho is not None:
+            ramps = self.tracker.step - entry.step - 1
+            rho = entry.rho.to(q.device) + cfg.ramp * ramps
+            if cfg.clamp_rho:
+                rho = rho.clamp(RHO_FLOOR, 1.0)
+        else:
+            rho = torch.ones(b, h, s, device=q.device)
+        residual = entry.residual
+        if residual is None:
+            residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
+        return sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)

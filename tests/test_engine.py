@@ -1,0 +1,188 @@
+"""Re-ttention engine invariants (ALGORITHM.md) and RettnConfig validation."""
+
+import pytest
+import torch
+from helpers import qkv
+
+import rettn
+from rettn.config import RettnConfig, load_preset, preset_names
+from rettn.engine import CallInfo, Engine
+
+
+def engine(**kw):
+    base = dict(keep=0.25, block_size=32, warmup=0, refresh_interval=3, min_seq_len=0, ramp=0.0)
+    base.update(kw)
+    return Engine(RettnConfig(**base), n_layers=1, family="test")
+
+
+def call(eng, t, q, k, v, layer=0):
+    eng.on_forward(t)
+    return eng.attend(q, k, v, q.shape[-1] ** -0.5, CallInfo(layer=layer, kind="self"))
+
+
+def test_keep_all_gives_rho_one_residual_zero_and_dense_output():
+    q, k, v = qkv(2, 3, 200, 64, seed=1)
+    eng = engine(keep=1.0)
+    out = call(eng, 900.0, q, k, v)
+    dense, _ = rettn.attention_with_lse(q, k, v)
+    torch.testing.assert_close(out, dense)
+    entry = eng.cache[(0, 0, None)]
+    torch.testing.assert_close(entry.rho, torch.ones_like(entry.rho), atol=1e-6, rtol=0)
+    assert entry.residual.abs().max() < 1e-5
+    # ... and at the following sparse steps too
+    for t in (800.0, 700.0):
+        torch.testing.assert_close(call(eng, t, q, k, v), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_step_on_cache_inputs_reproduces_dense():
+    q, k, v = qkv(2, 2, 256, 64, seed=2)
+    eng = engine(keep=0.125)
+    dense = call(eng, 900.0, q, k, v)  # cache step
+    entry = eng.cache[(0, 0, None)]
+    assert entry.density < 0.3 and float(entry.rho.min()) < 0.99  # really sparse, rho < 1
+    sparse = call(eng, 800.0, q, k, v)  # sparse step, lambda = 0, same inputs
+    assert eng.records[-1].kind == "sparse"
+    torch.testing.assert_close(sparse, dense, atol=2e-5, rtol=1e-4)
+    plain = rettn.block_sparse_attention(q, k, v, entry.layout)
+    assert (plain - dense).abs().max() > 1e-2  # without the reshape it would be far off
+
+
+def test_ramp_adds_lambda_after_each_sparse_step():
+    q, k, v = qkv(1, 2, 128, 32, seed=3)
+    eng = engine(keep=0.25, ramp=0.04, refresh_interval=10)
+    call(eng, 900.0, q, k, v)
+    entry = eng.cache[(0, 0, None)]
+    o_s = rettn.block_sparse_attention(q, k, v, entry.layout).float()
+    rho, res = entry.rho, entry.residual.float()
+    for j, t in enumerate((800.0, 700.0, 600.0)):
+        out = call(eng, t, q, k, v)
+        expected = (rho + 0.04 * j).clamp(max=1.0).unsqueeze(-1) * o_s + res
+        torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_baselines_through_the_same_code():
+    q, k, v = qkv(1, 2, 128, 32, seed=4)
+    plain = engine(use_rho=False, use_residual=False)
+    assert call(plain, 900.0, q, k, v) is None  # cache step: the model's own dense attention
+    layout = plain.cache[(0, 0, None)].layout
+    torch.testing.assert_close(call(plain, 800.0, q, k, v), rettn.block_sparse_attention(q, k, v, layout))
+
+    resid = engine(use_rho=False)  # DiTFastAttn: window + residual sharing
+    dense = call(resid, 900.0, q, k, v)
+    e = resid.cache[(0, 0, None)]
+    assert e.rho is None
+    o_s = rettn.block_sparse_attention(q, k, v, e.layout)
+    torch.testing.assert_close(e.residual, dense - o_s, atol=1e-6, rtol=1e-5)
+
+
+def test_residual_precision_and_offload():
+    q, k, v = qkv(1, 2, 128, 32, seed=5)
+    eng = engine(residual_dtype="float16", residual_device="cpu")
+    call(eng, 900.0, q, k, v)
+    e = eng.cache[(0, 0, None)]
+    assert e.residual.dtype == torch.float16 and e.residual.device.type == "cpu"
+    assert eng.stats().cached_bytes == 1 * 2 * 128 * 32 * 2 + 1 * 2 * 128 * 4
+    assert torch.isfinite(call(eng, 800.0, q, k, v)).all()
+
+
+def test_budget_error_names_bytes_and_options():
+    q, k, v = qkv(1, 2, 128, 32, seed=6)
+    eng = Engine(RettnConfig(keep=0.25, block_size=32, warmup=2, min_seq_len=0, max_cache_bytes="1KiB"),
+                 n_layers=4, family="test")
+    with pytest.raises(MemoryError, match=r"residual_dtype='float16'.*residual_device='cpu'.*skip_layers"):
+        call(eng, 900.0, q, k, v)  # raised at step 0, a dense warm-up step, before any caching
+
+
+def test_layers_shorter_than_min_seq_len_stay_dense():
+    q, k, v = qkv(1, 2, 128, 32, seed=7)
+    eng = engine(min_seq_len=256)
+    assert call(eng, 900.0, q, k, v) is None and not eng.cache
+
+
+def test_new_generation_resets_state_and_branches_are_separate():
+    q, k, v = qkv(1, 2, 128, 32, seed=8)
+    eng = engine()
+    call(eng, 900.0, q, k, v)
+    call(eng, 900.0, q, k, v)  # same timestep: second CFG branch
+    assert set(eng.cache) == {(0, 0, None), (0, 1, None)}
+    call(eng, 800.0, q, k, v)
+    assert eng.tracker.step == 1 and eng.tracker.branch == 0
+    call(eng, 999.0, q, k, v)  # timestep went up: a new generation
+    assert eng.tracker.step == 0 and eng.tracker.generations == 2
+    assert set(eng.cache) == {(0, 0, None)}
+
+
+# ---------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep=0), r"keep must be a fraction in \(0, 1\]"),
+        (dict(keep=1.5), r"keep must be a fraction in \(0, 1\]"),
+        (dict(warmup=-1), "warmup must be a step count"),
+        (dict(dense_final=1.5), "dense_final must be a step count"),
+        (dict(refresh_interval=0), "refresh_interval must be"),
+        (dict(pattern="diagonal"), r"pattern must be one of \('topk', 'window', 'frame_window'\)"),
+        (dict(residual_dtype="int8"), "residual_dtype must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(max_cache_bytes="lots"), "max_cache_bytes must be"),
+        (dict(skip_layers=[-1]), "skip_layers"),
+        (dict(sparse_cross_attention=True, pattern="window"), "needs pattern='topk'"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RettnConfig(**kwargs)
+
+
+def test_unknown_field_and_preset():
+    with pytest.raises(ValueError, match=r"unknown RettnConfig field\(s\) \['sparsity'\]; allowed: \["):
+        RettnConfig.from_dict({"sparsity": 0.9})
+    with pytest.raises(ValueError, match=r"unknown preset 'cogvideox-9b'; available presets: \["):
+        RettnConfig.from_preset("cogvideox-9b")
+
+
+def test_byte_sizes():
+    assert RettnConfig(max_cache_bytes="8GB").max_cache_bytes == 8 * 10**9
+    assert RettnConfig(max_cache_bytes="512MiB").max_cache_bytes == 512 * 2**20
+    assert RettnConfig(max_cache_bytes=1000).max_cache_bytes == 1000
+
+
+PAPER = {
+    # preset: (steps, dense warm-up, cache steps)
+    "pixart-alpha": (20, 5, [5, 10, 15]),
+    "pixart-sigma": (20, 5, [5, 10, 15]),
+    "hunyuan-dit": (50, 10, list(range(10, 50, 5))),
+    "cogvideox-2b": (50, 15, list(range(15, 50, 5))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_presets_reproduce_the_paper_schedules(name):
+    steps, warm, cache = PAPER[name]
+    kinds = RettnConfig.from_preset(name).schedule(steps).kinds(steps)
+    expected = ["dense"] * warm + ["sparse"] * (steps - warm)
+    for c in cache:
+        expected[c] = "cache"
+    assert kinds == expected
+    assert kinds.count("sparse") == {20: 12, 50: 32 if name == "hunyuan-dit" else 28}[steps]
+
+
+def test_fractional_schedule_scales_to_other_step_counts():
+    kinds = RettnConfig.from_preset("cogvideox-2b").schedule(30).kinds(30)
+    assert kinds[:9] == ["dense"] * 9 and kinds[9] == "cache" and kinds[12] == "cache"
+    assert RettnConfig(warmup=2, refresh_interval=2, dense_final=2).schedule(8).kinds(8) == [
+        "dense", "dense", "cache", "sparse", "cache", "sparse", "dense", "dense"]
+    with pytest.raises(ValueError, match="needs the number of steps"):
+        RettnConfig(warmup=0.3).schedule(None)
+
+
+def test_every_preset_loads_and_says_whether_it_is_tuned():
+    names = preset_names()
+    for required in ("cogvideox-2b", "cogvideox-5b", "pixart-alpha", "pixart-sigma", "hunyuan-dit",
+                     "wan2.1", "hunyuanvideo", "flux", "ltx-video"):
+        assert required in names
+    for name in names:
+        data = load_preset(name)
+        assert isinstance(data["tuned"], bool) and data["notes"]
+        RettnConfig.from_preset(name)
+    assert not load_preset("flux")["tuned"] and load_preset("cogvideox-2b")["tuned"]

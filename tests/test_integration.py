@@ -1,0 +1,253 @@
+"""apply_rettention on tiny offline models of every family: exactness, undo, schedules, CFG."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import FAMILIES, tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_transformer
+
+import rettn
+from rettn.integration import RettnProcessor
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+TIMESTEPS = [950.0, 850.0, 700.0, 600.0, 450.0, 300.0, 200.0, 100.0]
+SMALL = dict(block_size=32, warmup=2, refresh_interval=3, min_seq_len=0)
+
+
+def sample(out):
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+@torch.no_grad()
+def generate(model, family, timesteps=TIMESTEPS, batch=2):
+    """A denoising-like run: the same inputs at decreasing timesteps, outputs stacked."""
+    return torch.stack([sample(model(**tiny_inputs(family, model, batch=batch, t=t))) for t in timesteps])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_transformer(request.param, qk_gain=8.0)
+
+
+def test_keep_all_equals_unpatched_model(family_model):
+    family, model = family_model
+    base = generate(model, family)
+    with rettn.apply_rettention(model, keep=1.0, **SMALL) as handle:
+        out = generate(model, family)
+        assert handle.stats().counts() == {"dense": 2, "cache": 2, "sparse": 4}
+    scale = base.abs().max().item()
+    assert (out - base).abs().max().item() <= 5e-5 * max(1.0, scale)  # fp32 round-off only
+
+
+def test_remove_restores_processors_and_output(family_model):
+    family, model = family_model
+    originals = dict(model.attn_processors)
+    base = generate(model, family)
+    handle = rettn.apply_rettention(model, keep=0.1, **SMALL)
+    assert any(isinstance(p, RettnProcessor) for p in model.attn_processors.values())
+    generate(model, family)
+    handle.remove()
+    assert all(p is originals[name] for name, p in model.attn_processors.items())
+    assert not model._forward_pre_hooks
+    assert torch.equal(generate(model, family), base)
+    handle.remove()  # twice is fine
+
+
+def test_sparse_output_is_finite_differs_and_repeats(family_model):
+    family, model = family_model
+    base = generate(model, family)
+    handle = rettn.apply_rettention(model, keep=0.1, **SMALL)
+    first = generate(model, family)
+    stats = handle.stats()
+    second = generate(model, family)
+    handle.remove()
+    assert torch.isfinite(first).all()
+    assert (first - base).abs().max() > 1e-4  # sparse steps really changed something
+    assert torch.equal(first[:2], base[:2])  # dense warm-up steps are the model's own attention
+    assert torch.equal(first, second)  # the second generation starts from a clean state
+    assert stats.kinds() == ["dense", "dense", "cache", "sparse", "sparse", "cache", "sparse", "sparse"]
+    assert 0 < stats.mean_density() < 1 and stats.cached_bytes > 0
+
+
+def test_batch_of_three_and_joint_text_dense(family_model):
+    family, model = family_model
+    handle = rettn.apply_rettention(model, keep=0.1, **SMALL)
+    out = generate(model, family, batch=3)
+    handle.remove()
+    assert out.shape[1] == 3 and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------ pipelines
+def kinds_for(steps, warm, cache):
+    kinds = ["dense"] * warm + ["sparse"] * (steps - warm)
+    for c in cache:
+        kinds[c] = "cache"
+    return kinds
+
+
+@torch.no_grad()
+def test_pixart_20_step_paper_schedule():
+    pipe = tiny_pipeline("pixart-sigma", qk_gain=8.0)
+    handle = rettn.apply_rettention(pipe, preset="pixart-sigma", block_size=32, min_seq_len=0)
+    out = pipe(**tiny_pipeline_kwargs("pixart-sigma", num_inference_steps=20, output_type="latent")).images
+    stats = handle.stats()
+    handle.remove()
+    assert torch.isfinite(out).all()
+    assert stats.kinds() == kinds_for(20, 5, [5, 10, 15])
+    assert stats.num_inference_steps == 20
+    assert all(s.forwards == 1 for s in stats.steps)  # CFG batched into one call per step
+
+
+@torch.no_grad()
+def test_cogvideox_50_step_paper_schedule_and_text_dense():
+    pipe = tiny_pipeline("cogvideox", qk_gain=8.0)
+    handle = rettn.apply_rettention(pipe, preset="cogvideox-2b", block_size=32, min_seq_len=0)
+    out = pipe(**tiny_pipeline_kwargs("cogvideox", num_inference_steps=50, output_type="latent")).frames
+    stats = handle.stats()
+    layout = next(iter(handle.engine.cache.values())).layout
+    handle.remove()
+    assert torch.isfinite(out).all()
+    assert stats.kinds() == kinds_for(50, 15, list(range(15, 50, 5)))
+    assert stats.counts() == {"dense": 15, "cache": 7, "sparse": 28}
+    # 226 text tokens first: query blocks 0-7 (tokens 0-255) dense, key blocks 0-7 in every row
+    dense = layout.to_dense()
+    assert dense[:, :, :7].all() and dense[..., :7].all()
+
+
+@torch.no_grad()
+def test_wan_two_calls_per_step_keep_separate_state():
+    pipe = tiny_pipeline("wan", qk_gain=8.0)
+    def kwargs():  # a fresh seeded generator per call
+        return tiny_pipeline_kwargs("wan", num_inference_steps=6, output_type="latent", guidance_scale=5.0)
+
+    base = pipe(**kwargs()).frames
+    handle = rettn.apply_rettention(pipe, keep=0.2, block_size=32, warmup=2, refresh_interval=2, min_seq_len=0)
+    out = pipe(**kwargs()).frames
+    stats = handle.stats()
+    branches = {key[1] for key in handle.engine.cache}
+    handle.remove()
+    assert stats.kinds() == ["dense", "dense", "cache", "sparse", "cache", "sparse"]
+    assert all(s.forwards == 2 for s in stats.steps)  # cond, then uncond
+    assert branches == {0, 1}
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    again = pipe(**kwargs()).frames
+    assert torch.equal(again, base)
+
+
+@torch.no_grad()
+def test_keep_all_pipeline_matches_and_several_prompts():
+    pipe = tiny_pipeline("pixart", qk_gain=8.0)
+    kwargs = dict(prompt=["a red circle", "a blue square"], num_images_per_prompt=2, output_type="latent")
+    base = pipe(**tiny_pipeline_kwargs("pixart", num_inference_steps=8, **kwargs)).images
+    handle = rettn.apply_rettention(pipe, keep=1.0, block_size=32, warmup=2, refresh_interval=3, min_seq_len=0)
+    out = pipe(**tiny_pipeline_kwargs("pixart", num_inference_steps=8, **kwargs)).images
+    handle.remove()
+    assert out.shape[0] == 4
+    torch.testing.assert_close(out, base, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_remove_after_exception_mid_generation_leaves_pipeline_clean():
+    pipe = tiny_pipeline("cogvideox", qk_gain=8.0)
+    def kwargs():
+        return tiny_pipeline_kwargs("cogvideox", num_inference_steps=6, output_type="latent")
+
+    base = pipe(**kwargs()).frames
+    originals = dict(pipe.transformer.attn_processors)
+    sdpa = F.scaled_dot_product_attention
+    handle = rettn.apply_rettention(pipe, keep=0.1, block_size=32, warmup=1, refresh_interval=2, min_seq_len=0)
+
+    def boom(pipe_, step, timestep, callback_kwargs):
+        if step == 3:
+            raise KeyboardInterrupt("user stopped")
+        return callback_kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe(**kwargs(), callback_on_step_end=boom)
+    assert F.scaled_dot_product_attention is sdpa  # nothing left routed
+    handle.remove()
+    assert all(p is originals[n] for n, p in pipe.transformer.attn_processors.items())
+    assert torch.equal(pipe(**kwargs()).frames, base)
+
+
+def test_applying_twice_is_an_error():
+    model = tiny_transformer("pixart")
+    handle = rettn.apply_rettention(model, keep=0.5)
+    with pytest.raises(RuntimeError, match="already applied.*remove\\(\\) on the first handle"):
+        rettn.apply_rettention(model, keep=0.5)
+    handle.remove()
+    rettn.apply_rettention(model, keep=0.5).remove()
+
+
+@torch.no_grad()
+def test_budget_error_before_anything_is_cached():
+    pipe = tiny_pipeline("pixart")
+    handle = rettn.apply_rettention(pipe, keep=0.1, block_size=32, warmup=2, min_seq_len=0, max_cache_bytes="10KB")
+    with pytest.raises(MemoryError, match="over max_cache_bytes"):
+        pipe(**tiny_pipeline_kwargs("pixart", num_inference_steps=6, output_type="latent"))
+    assert handle.stats().steps[0].step == 0 and len(handle.stats().steps) == 1
+    handle.remove()
+
+
+def test_bad_targets_and_arguments():
+    with pytest.raises(TypeError, match="expects a diffusers pipeline"):
+        rettn.apply_rettention(torch.nn.Linear(2, 2))
+    model = tiny_transformer("wan")
+    with pytest.raises(ValueError, match=r"unknown RettnConfig field\(s\) \['kep'\]"):
+        rettn.apply_rettention(model, kep=0.1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        rettn.apply_rettention(model, preset="nope")
+    assert not any(isinstance(p, RettnProcessor) for p in model.attn_processors.values())
+
+
+def test_unknown_model_with_custom_processors_is_a_clear_error():
+    class Attn(torch.nn.Module):
+        processor = object()
+
+        def set_processor(self, p):
+            self.processor = p
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+
+    with pytest.raises(ValueError, match=r"rettn does not know Odd; supported families: \['cogvideox'"):
+        rettn.apply_rettention(Odd())
+
+
+@torch.no_grad()
+def test_generic_path_for_standard_processors():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  num_layers=2, sample_size=32, patch_size=2, num_embeds_ada_norm=10).eval()
+    x = torch.randn(2, 4, 32, 32)
+    labels = torch.tensor([1, 2])
+
+    def run():
+        return torch.stack([model(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+                            for t in TIMESTEPS])
+
+    base = run()
+    handle = rettn.apply_rettention(model, keep=1.0, **SMALL)
+    assert handle.family.name == "generic"
+    torch.testing.assert_close(run(), base, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    handle = rettn.apply_rettention(model, keep=0.2, **SMALL)
+    out = run()
+    assert handle.stats().mean_density() < 0.5
+    handle.remove()
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-5
+
+
+def test_frame_window_reads_the_grid_of_each_video_family():
+    for family in ("cogvideox", "wan", "hunyuanvideo", "ltx-video"):
+        model = tiny_transformer(family, qk_gain=8.0)
+        handle = rettn.apply_rettention(model, keep=0.1, pattern="frame_window", block_size=16,
+                                        warmup=0, refresh_interval=2, min_seq_len=0)
+        out = generate(model, family, timesteps=TIMESTEPS[:3])
+        layouts = list(handle.engine.static_layouts.values())
+        handle.remove()
+        assert torch.isfinite(out).all() and layouts, family
+        assert all(lay.density() < 1 for lay in layouts)
