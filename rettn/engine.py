@@ -10,6 +10,8 @@ State is kept per (layer, CFG branch[, batch row]) and reset at every new genera
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,43 @@ from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
 from .layout import BlockSparseLayout
 
 RHO_FLOOR = 1e-6
+
+
+class RegionTimer:
+    """Accumulates wall time per (step kind, region) when profiling is on.
+
+    CUDA: events recorded around each region, resolved (one sync) in :meth:`totals`; CPU:
+    ``time.perf_counter``. Regions: ``selection``, ``attention`` (every attention kernel, the
+    model's own dense attention included), ``bookkeeping`` (rho, R, ramp, residual moves).
+    """
+
+    def __init__(self):
+        self.pending: list = []  # (kind, region, start, end) CUDA events
+        self.seconds: dict = {}
+
+    @contextlib.contextmanager
+    def region(self, kind: str, name: str, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((kind, name, start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.add(kind, name, time.perf_counter() - t)
+
+    def add(self, kind: str, name: str, seconds: float):
+        self.seconds[(kind, name)] = self.seconds.get((kind, name), 0.0) + seconds
+
+    def totals(self) -> dict:
+        if self.pending:
+            torch.cuda.synchronize()
+            for kind, name, start, end in self.pending:
+                self.add(kind, name, start.elapsed_time(end) / 1e3)
+            self.pending = []
+        return dict(self.seconds)
 
 
 @dataclass
@@ -156,6 +195,15 @@ class Engine:
         self.records: list[StepRecord] = []
         self.peak_bytes = 0
         self.budget_checked: set = set()
+        self.timer: RegionTimer | None = None  # set by the profiler
+        # set by the quality harness: (step, layer, relative error vs dense) of sparse-step outputs
+        self.error_log: list | None = None
+
+    def region(self, name: str, device):
+        """Time a region of this step when profiling (a no-op otherwise)."""
+        if self.timer is None:
+            return contextlib.nullcontext()
+        return self.timer.region(self.step_kind(), name, device)
 
     # ----------------------------------------------------------------- lifecycle
     def reset(self):
@@ -274,22 +322,25 @@ class Engine:
 
     def _cache_step(self, q, k, v, scale, info, key):
         cfg = self.config
-        layout = self._layout(q, k, info)
-        density = layout.density()
+        with self.region("selection", q.device):
+            layout = self._layout(q, k, info)
+            density = layout.density()
         rho = residual = None
         if cfg.use_rho or cfg.use_residual:
-            out_d, lse_d = attention_with_lse(q, k, v, scale=scale)
-            out_s, lse_s = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True,
-                                                  backend=cfg.backend)
-            rho_full = torch.exp(lse_s - lse_d).clamp_(RHO_FLOOR, 1.0)
-            rho = rho_full if cfg.use_rho else None
-            if cfg.use_residual:
-                weight = rho_full if cfg.use_rho else torch.ones_like(rho_full)
-                r = out_d.float() - weight.unsqueeze(-1) * out_s.float()
-                rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
-                residual = r.to(device=cfg.residual_device or q.device, dtype=rdt)
-            if cfg.residual_device == "cpu" and rho is not None:
-                rho = rho.cpu()
+            with self.region("attention", q.device):
+                out_d, lse_d = attention_with_lse(q, k, v, scale=scale)
+                out_s, lse_s = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True,
+                                                      backend=cfg.backend)
+            with self.region("bookkeeping", q.device):
+                rho_full = torch.exp(lse_s - lse_d).clamp_(RHO_FLOOR, 1.0)
+                rho = rho_full if cfg.use_rho else None
+                if cfg.use_residual:
+                    weight = rho_full if cfg.use_rho else torch.ones_like(rho_full)
+                    r = out_d.float() - weight.unsqueeze(-1) * out_s.float()
+                    rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
+                    residual = r.to(device=cfg.residual_device or q.device, dtype=rdt)
+                if cfg.residual_device == "cpu" and rho is not None:
+                    rho = rho.cpu()
         else:
             out_d = None  # plain sparse: the model's own dense attention runs at cache steps
         self.cache[key] = CacheEntry(self.tracker.step, layout, density, rho, residual, tuple(q.shape))
@@ -299,23 +350,38 @@ class Engine:
     def _sparse_step(self, q, k, v, scale, info, entry: CacheEntry, record: StepRecord):
         cfg = self.config
         if cfg.reselect == "step" and cfg.pattern == "topk":
-            layout = self._layout(q, k, info)
-            density = layout.density()
+            with self.region("selection", q.device):
+                layout = self._layout(q, k, info)
+                density = layout.density()
         else:
             layout, density = entry.layout, entry.density
         record.sparse_calls += 1
         record.density_sum += density
         if entry.rho is None and entry.residual is None:
-            return block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
+            with self.region("attention", q.device):
+                out = block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
+            return self._log_error(q, k, v, scale, info, out)
         b, h, s, d = q.shape
-        if entry.rho is not None:
-            ramps = self.tracker.step - entry.step - 1
-            rho = entry.rho.to(q.device) + cfg.ramp * ramps
-            if cfg.clamp_rho:
-                rho = rho.clamp(RHO_FLOOR, 1.0)
-        else:
-            rho = torch.ones(b, h, s, device=q.device)
-        residual = entry.residual
-        if residual is None:
-            residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
-        return sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)
+        with self.region("bookkeeping", q.device):
+            if entry.rho is not None:
+                rho = entry.rho.to(q.device) + cfg.ramp * (self.tracker.step - entry.step - 1)
+                if cfg.clamp_rho:
+                    rho = rho.clamp(RHO_FLOOR, 1.0)
+            else:
+                rho = torch.ones(b, h, s, device=q.device)
+            residual = entry.residual
+            if residual is None:
+                residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
+            residual = residual.to(q.device, non_blocking=True)
+        with self.region("attention", q.device):  # rescale + residual fused on Triton
+            out = sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)
+        return self._log_error(q, k, v, scale, info, out)
+
+    def _log_error(self, q, k, v, scale, info, out):
+        """With ``error_log`` on: the relative L2 error of this sparse-step output against dense
+        attention on the same inputs (costs a dense attention call; for the quality harness)."""
+        if self.error_log is not None:
+            dense, _ = attention_with_lse(q, k, v, scale=scale)
+            err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
+            self.error_log.append((self.tracker.step, info.layer, float(err)))
+        return out

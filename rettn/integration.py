@@ -108,6 +108,8 @@ def _make_router(original, heads_second: bool):
                 out = None if out is None else out.transpose(1, 2)
             if out is not None:
                 return out
+            with frame.handle.engine.region("attention", query.device):  # the model's own attention
+                return original(query, key, value, *args, **kwargs)
         return original(query, key, value, *args, **kwargs)
 
     router.__wrapped__ = original
@@ -258,7 +260,12 @@ class RettnHandle:
         self.layers = [n for n, _ in targets]
         n_self = sum(1 for _, kind in targets if kind in ("self", "auto"))
         self.engine = Engine(config, n_self - len([i for i in config.skip_layers if i < n_self]), family.name)
-        for layer, (name, kind) in enumerate(targets):
+        # Self-attention layers are numbered 0.. in model order (what skip_layers refers to);
+        # cross-attention layers follow them.
+        counters = {"self": 0, "cross": n_self}
+        for name, kind in targets:
+            group = "cross" if kind == "cross" else "self"
+            layer, counters[group] = counters[group], counters[group] + 1
             orig = self.original_processors[name]
             self.modules[name].set_processor(_wrapper_class(type(orig))(orig, self, layer, kind, name))
         self._forward_args: dict = {}

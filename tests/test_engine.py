@@ -186,3 +186,16 @@ def test_every_preset_loads_and_says_whether_it_is_tuned():
         assert isinstance(data["tuned"], bool) and data["notes"]
         RettnConfig.from_preset(name)
     assert not load_preset("flux")["tuned"] and load_preset("cogvideox-2b")["tuned"]
+
+
+def test_error_log_measures_sparse_step_error():
+    q, k, v = qkv(1, 2, 256, 32, seed=9)
+    eng = engine(keep=0.125)
+    eng.error_log = []
+    call(eng, 900.0, q, k, v)  # cache
+    call(eng, 800.0, q, k, v)  # sparse, same inputs: Re-ttention reproduces dense
+    q2 = q + 0.3 * torch.randn_like(q)
+    call(eng, 700.0, q2, k, v)  # sparse, drifted queries: a real error
+    (s1, l1, e1), (s2, _, e2) = eng.error_log
+    assert (s1, l1, s2) == (1, 0, 2)
+    assert e1 < 1e-5 < e2 < 1.0

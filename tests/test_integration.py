@@ -251,3 +251,18 @@ def test_frame_window_reads_the_grid_of_each_video_family():
         handle.remove()
         assert torch.isfinite(out).all() and layouts, family
         assert all(lay.density() < 1 for lay in layouts)
+
+
+@torch.no_grad()
+def test_skip_layers_count_self_attention_layers_in_model_order():
+    model = tiny_transformer("pixart", qk_gain=8.0)
+    handle = rettn.apply_rettention(model, keep=0.1, skip_layers=[1], **SMALL)
+    procs = {name: m.processor for name, m in handle.modules.items()}
+    assert procs["transformer_blocks.0.attn1"].layer == 0 and procs["transformer_blocks.1.attn1"].layer == 1
+    assert procs["transformer_blocks.0.attn2"].kind == "cross"
+    generate(model, "pixart", timesteps=TIMESTEPS[:4])
+    stats = handle.stats()
+    cached_layers = {key[0] for key in handle.engine.cache}
+    handle.remove()
+    assert 0 in cached_layers and 1 not in cached_layers
+    assert stats.steps[2].kind == "cache" and stats.steps[2].dense_calls == 1 and stats.steps[2].sparse_calls >= 1

@@ -204,3 +204,12 @@ def test_rescaled_sparse_step_matches_formula(backend, dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("head_dim", [32, 48, 96, 256])
+def test_other_head_dims(backend, head_dim):
+    q, k, v = qkv(1, 2, 130, head_dim, device=DEVICE, seed=head_dim)
+    layout = make_layout("random", 1, 2, 130)
+    out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    assert_close_to_truth(out, lse, q, k, v, layout)
