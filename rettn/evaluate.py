@@ -1,0 +1,216 @@
+"""Quality harness: every method at every keep ratio against dense attention, same seeds.
+
+    rettn eval                                    # embedded model, default captions, 2 seeds
+    rettn eval --keeps 0.0625 --methods sparse-topk rettn-topk --seeds 0
+
+For each (prompt, seed) the dense output is generated once; each method runs through the same
+engine (``use_rho`` / ``use_residual`` / ``ramp`` / ``pattern`` switches) with the same schedule,
+and is compared with the dense output: PSNR, SSIM, LPIPS (when its package and weights load),
+the relative error of each sparse-step attention output against dense attention on the same
+inputs, the counted density (conditioning rows and columns included) and the wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# method -> RettnConfig fields; the schedule, block size and keep come from the base config.
+METHODS: dict[str, dict] = {
+    "sparse-window": dict(pattern="window", use_rho=False, use_residual=False),
+    "sparse-topk": dict(pattern="topk", use_rho=False, use_residual=False),
+    "window+residual": dict(pattern="window", use_rho=False, use_residual=True, ramp=0.0),  # DiTFastAttn-style
+    "rettn-window": dict(pattern="window", ramp=0.04),
+    "rettn-window-l0": dict(pattern="window", ramp=0.0),
+    "rettn-topk": dict(pattern="topk", ramp=0.04),
+    "rettn-topk-l0": dict(pattern="topk", ramp=0.0),
+}
+DEFAULT_KEEPS = (0.25, 0.125, 0.0625, 0.03125)
+DEFAULT_PROMPTS = (
+    "a red circle moving right",
+    "a blue square moving up",
+    "a green triangle moving left",
+    "a yellow circle moving down",
+    "a blue triangle moving right",
+    "a red square moving left",
+    "a yellow triangle moving up",
+    "a green circle moving down",
+)
+
+
+def _generate(pipe, prompt, seed, steps, extra):
+    kwargs = dict(prompt=prompt, output_type="np", generator=torch.Generator().manual_seed(seed), **extra)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    out = pipe(**kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    data = out.frames[0] if hasattr(out, "frames") else out.images[0]
+    return np.asarray(data, dtype=np.float32), time.perf_counter() - t
+
+
+def evaluate(pipe, base_config, prompts=DEFAULT_PROMPTS, seeds=(0, 1), methods=tuple(METHODS),
+             keeps=DEFAULT_KEEPS, steps=None, layer_error=True, lpips_model=None, progress=True,
+             call_kwargs=None) -> list[dict]:
+    """One row per (method, keep): means over prompts x seeds. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    from .integration import apply_rettention
+    from .metrics import compare
+
+    extra = dict(call_kwargs or {})
+    cases = [(p, s) for p in prompts for s in seeds]
+    dense = {}
+    for case in tqdm(cases, desc="dense", disable=not progress, leave=False):
+        dense[case] = _generate(pipe, case[0], case[1], steps, extra)
+    rows = []
+    combos = [(m, k) for m in methods for k in keeps]
+    for method, keep in tqdm(combos, desc="methods x keeps", disable=not progress):
+        config = base_config.replace(keep=keep, **METHODS[method])
+        per_case = []
+        for case in cases:
+            handle = apply_rettention(pipe, config)
+            handle.engine.error_log = [] if layer_error else None
+            try:
+                data, seconds = _generate(pipe, case[0], case[1], steps, extra)
+                stats, errors = handle.stats(), handle.engine.error_log
+            finally:
+                handle.remove()
+            q = compare(dense[case][0], data, lpips_model)
+            q.update(seconds=seconds, dense_seconds=dense[case][1], density=stats.mean_density(),
+                     attn_rel_err=float(np.mean([e for _, _, e in errors])) if errors else None,
+                     steps=stats.counts())
+            per_case.append(q)
+        row = dict(method=method, keep=keep, n=len(per_case), steps=per_case[0]["steps"])
+        for key in ("psnr", "ssim", "lpips", "density", "attn_rel_err", "seconds", "dense_seconds"):
+            vals = [c[key] for c in per_case if c[key] is not None and np.isfinite(c[key])]
+            row[key] = float(np.mean(vals)) if vals else None
+        row["psnr_min"] = min(c["psnr"] for c in per_case)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows) -> str:
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    lines = ["method            keep    density  sparsity  PSNR dB  SSIM    LPIPS   attn err  s/run  dense s/run",
+             "-" * 100]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<17} {r['keep']:<7.4f} {f(r['density'], '.4f'):>7}  {f(None if r['density'] is None else 1 - r['density'], '.1%'):>8}  "
+            f"{f(r['psnr'], '6.2f'):>7}  {f(r['ssim'], '.4f'):>6}  {f(r['lpips'], '.4f'):>6}  "
+            f"{f(r['attn_rel_err'], '.4f'):>8}  {f(r['seconds'], '.2f'):>5}  {f(r['dense_seconds'], '.2f'):>5}")
+    return "\n".join(lines)
+
+
+def plot(rows, path) -> str | None:
+    """PSNR against counted density per method; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot written"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["density"], r["psnr"]) for r in rows if r["method"] == method and r["psnr"] is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("counted attention density (log)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title("rettn quality vs density")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------------------------------ command line
+def register(subparsers):
+    p = subparsers.add_parser("eval", help="quality of every method and keep ratio against dense attention",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded model)")
+    p.add_argument("--preset", default=None, help="base preset for the schedule and block size")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (default: 8 captions of the embedded model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer attention error (saves a dense call per sparse call)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", default="eval_results", help="where the JSON and the PNG plot go")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> dict:
+    """Raises ValueError with a one-line message on bad input (the CLI prints it, exit 2)."""
+    from .config import RettnConfig, load_preset
+    from .metrics import LPIPS
+    from .models import default_preset, load_pipeline, quiet_progress_bars
+
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+    if any(not 0 < k <= 1 for k in args.keeps):
+        raise ValueError("--keeps values must be fractions in (0, 1]")
+    if args.preset is not None:
+        load_preset(args.preset)
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ValueError(f"--prompts file '{path}' does not exist")
+        prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not prompts:
+            raise ValueError(f"--prompts file '{path}' holds no prompt")
+    if args.no_progress:
+        quiet_progress_bars()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
+    pipe = load_pipeline(args.model, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    preset = args.preset or default_preset(pipe)
+    base = RettnConfig.from_preset(preset) if preset else RettnConfig()
+    if args.block_size:
+        base = base.replace(block_size=args.block_size)
+    try:
+        lpips_model, lpips_note = LPIPS.load(), None
+    except RuntimeError as e:
+        lpips_model, lpips_note = None, str(e)
+    t = time.perf_counter()
+    rows = evaluate(pipe, base, prompts, tuple(args.seeds), tuple(args.methods), tuple(args.keeps), args.steps,
+                    layer_error=not args.no_layer_error, lpips_model=lpips_model, progress=not args.no_progress)
+    seconds = time.perf_counter() - t
+    print(format_table(rows))
+    if lpips_note:
+        print(lpips_note)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    note = plot(rows, out / "quality.png")
+    report = dict(
+        rows=rows, command=" ".join(["rettn"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rettn") else " ".join(sys.argv),
+        device=str(device), device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        torch=torch.__version__, preset=preset, base_config=vars(base), prompts=list(prompts), seeds=list(args.seeds),
+        steps=args.steps, lpips=lpips_note or "computed", seconds=seconds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"rettn: evaluated {len(rows)} (method, keep) pairs on {len(prompts)} prompts x {len(args.seeds)} seeds "
+          f"in {seconds:.0f} s; wrote {out / 'quality.json'}" + (f" and {out / 'quality.png'}" if note is None else f" ({note})"))
+    return report

@@ -1,0 +1,212 @@
+"""The latency profiler (rettn profile / scripts/profile_latency.py) on CPU: the embedded tiny
+model, shrunk random-weight architectures, the report's invariants, and bad input."""
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+
+from rettn import archs, dummy_inputs, profiler
+from tiny_models import FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
+
+# Small and quick: the embedded model at 2 frames (512 video + 16 text tokens), 6 steps with
+# dense 0-1, cache 2 and 5, sparse 3-4.
+TINY_ARGS = ["--steps", "6", "--warmup", "2", "--refresh-interval", "3", "--frames", "2",
+             "--kernel-providers", "sdpa,dense_lse,rettn,rettn_rescaled", "--kernel-repeats", "2",
+             "--density-sweep", "0.25"]
+# CogVideoX-2B's real blocks (1 of 30), 1 latent frame of 8 x 8 tokens + 16 text tokens.
+ARCH_ARGS = ["--random-weights", "--arch", "cogvideox-2b", "--layers", "1", "--frames", "1", "--height", "128",
+             "--width", "128", "--text-len", "16", "--batch", "1", "--steps", "4", "--warmup", "1",
+             "--refresh-interval", "3", "--min-seq-len", "0", "--block-size", "16",
+             "--kernel-providers", "sdpa,rettn", "--kernel-repeats", "2", "--density-sweep", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(argv, tmp_path, name="p"):
+    path = tmp_path / f"{name}.json"
+    rc = profiler.main(argv + ["--json", str(path)])
+    assert rc == 0
+    return json.loads(path.read_text()), path
+
+
+def _check_report(report):
+    kinds = report["schedule"]["kinds"]
+    for run in report["runs"]["rettn"]:
+        assert [s["kind"] for s in run["steps"]] == kinds  # step kinds match the schedule
+        for s in run["steps"]:
+            regions = sum(s["regions"].values())
+            assert 0 <= regions <= s["seconds"] + 1e-9  # regions add up to at most the step
+            assert s["other"] == pytest.approx(s["seconds"] - regions)
+            if s["kind"] != "dense":
+                assert s["regions"]["attention"] > 0
+        assert run["transformer_s"] <= run["total_s"] + 1e-9
+    for run in report["runs"]["dense"]:
+        assert len(run["steps"]) == report["steps"]
+        assert all(s["regions"] == {} for s in run["steps"])
+    summary = report["summary"]
+    counts = report["schedule"]["counts"]
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert rows["dense (no rettn)"]["steps_per_run"] == report["steps"]
+    for kind, n in counts.items():
+        if n:
+            assert rows[f"rettn {kind}"]["steps_per_run"] == n
+    run = summary["run"]
+    assert run["speedup"] == pytest.approx(run["dense_s"] / run["rettn_s"])
+    assert run["ceiling_s"] <= run["rettn_s"]
+    assert report["warmup"]["excluded"] is True
+    for key in ("device", "torch", "diffusers", "triton"):
+        assert key in report["env"]
+    assert "profile" in report["command"] or "pytest" in report["command"]
+
+
+def test_profile_embedded_model(tmp_path, capsys):
+    report, path = _run(TINY_ARGS, tmp_path, "tiny")
+    _check_report(report)
+    assert report["target"]["kind"] == "pipeline" and report["preset"] == "tiny-shapes"
+    assert report["schedule"]["kinds"] == ["dense", "dense", "cache", "sparse", "sparse", "cache"]
+    assert report["schedule"]["counts"] == {"dense": 2, "cache": 2, "sparse": 2}
+    k = report["kernels"]
+    assert k["shape"] == {"batch": 2, "heads": 4, "seq": 2 * 16 * 16 + 16, "head_dim": 32}
+    assert [r["keep"] for r in k["rows"]] == [0.125, 0.25]
+    for r in k["rows"]:
+        assert 0 < r["density"] <= 1 and r["ms"]["sdpa"] > 0 and r["ms"]["rettn"] > 0
+    assert 0 < report["summary"]["mean_density"] < 1
+    chart = path.with_suffix(".png")
+    assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "rettn sparse" in out and "ceiling" in out and "kernel level" in out
+
+
+def test_profile_random_weights_arch(tmp_path):
+    report, _ = _run(ARCH_ARGS + ["--no-chart"], tmp_path, "arch")
+    _check_report(report)
+    t = report["target"]
+    assert t["kind"] == "random-weights" and t["class"] == "CogVideoXTransformer3DModel"
+    assert t["layers"] == "1" and t["full_layers"] == "30" and t["grid"] == [1, 8, 8] and t["seq_len"] == 80
+    assert t["full_size"] is False and "targets_note" in report and "targets" not in report
+    assert report["preset"] == "cogvideox-2b" and report["config"]["keep"] == 0.03125
+    assert report["kernels"]["shape"] == {"batch": 1, "heads": 30, "seq": 80, "head_dim": 64}
+    assert report["chart"] is None
+
+
+def test_profile_two_calls_per_step(tmp_path):
+    """Wan runs CFG as two transformer calls per step: one step, two calls, no extra steps."""
+    argv = ["--random-weights", "--arch", "wan2.1-1.3b", "--layers", "1", "--frames", "5", "--height", "64",
+            "--width", "64", "--text-len", "8", "--steps", "4", "--warmup", "1", "--refresh-interval", "3",
+            "--min-seq-len", "0", "--block-size", "16", "--no-kernels", "--no-chart"]
+    report, _ = _run(argv, tmp_path, "wan")
+    _check_report(report)
+    for mode in ("dense", "rettn"):
+        assert [s["calls"] for s in report["runs"][mode][0]["steps"]] == [2, 2, 2, 2]
+    assert report["kernels"] == {"skipped": "--no-kernels"}
+
+
+@pytest.mark.parametrize("name", archs.arch_names())
+def test_arch_builds_and_runs(name):
+    spec = archs.load_arch(name)
+    assert spec.preset in __import__("rettn.config", fromlist=["x"]).preset_names()
+    model = archs.build_transformer(spec, layers=1)
+    config = archs.model_config(spec, layers=1)
+    for key in spec.layer_keys:
+        assert model.config[key] == min(1, spec.config[key])
+    for key, value in config.items():  # every number of the file reached the model
+        got = model.config[key]
+        assert (tuple(got) if isinstance(got, list) else got) == value, key
+    grid = (1, 4, 6) if spec.family in dummy_inputs.IMAGE_FAMILIES else (2, 4, 6)
+    kwargs = dummy_inputs.forward_inputs(spec.family, model, batch=1, grid=grid, text_len=8, text_padding=0)
+    with torch.no_grad():
+        out = model(**kwargs)[0]
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+
+
+def test_arch_default_shapes():
+    """The full-size token counts the docs and presets quote."""
+    def seq(name):
+        spec = archs.load_arch(name)
+        cfg = argparse.Namespace(**spec.config)
+        return dummy_inputs.sequence_length(spec.family, cfg, spec.token_grid(), spec.shape.text_len)
+
+    assert archs.load_arch("cogvideox-2b").token_grid() == (13, 30, 45)
+    assert seq("cogvideox-2b") == seq("cogvideox-5b") == 17776
+    assert seq("wan2.1-1.3b") == 21 * 30 * 52 and seq("wan2.1-14b") == 75600
+    assert seq("hunyuanvideo") == 33 * 45 * 80 + 256
+    assert seq("pixart-sigma") == 4096 and seq("flux") == 4096 + 512
+    assert archs.load_arch("cogvideox-2b").shape.batch == 2
+    assert archs.load_arch("wan2.1-14b").shape.calls_per_step == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dummy_inputs_match_tiny_inputs(family):
+    """rettn.dummy_inputs is the package's port of tests/tiny_models.tiny_inputs: same tensors."""
+    model = tiny_transformer(family)
+    shape = tiny_shape(family)
+    ref = tiny_inputs(family, model, batch=2, seed=3, t=250.0)
+    got = dummy_inputs.forward_inputs(family, model, batch=2, seed=3, grid=shape.grid, text_len=13, t=250.0)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, (tuple, list)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert same(ref[key], got[key]), key
+    again = dummy_inputs.set_timestep(dict(got), family, 250.0)["timestep"]
+    assert same(ref["timestep"], again)
+
+
+def test_chart_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    note = profiler.write_chart({"summary": {}, "target": {"description": "x"}}, tmp_path / "c.png")
+    assert "matplotlib is not installed" in note and not (tmp_path / "c.png").exists()
+
+
+def test_register_adds_profile_subcommand():
+    parser = argparse.ArgumentParser(prog="rettn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    profiler.register(sub)
+    args = parser.parse_args(["profile", "--random-weights", "--arch", "flux", "--layers", "2", "--steps", "3"])
+    assert args.command == "profile" and args.handler is profiler.run
+    assert args.random_weights and args.arch == "flux" and args.layers == 2 and args.steps == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "cogvideox-2b"], "add --random-weights"),
+    (["--random-weights"], "needs --arch"),
+    (["--random-weights", "--arch", "cogvideox-9b"], "unknown architecture"),
+    (["--random-weights", "--arch", "cogvideox-2b", "--frames", "6"], "4k + 1"),
+    (["--random-weights", "--arch", "flux", "--height", "1000"], "multiple of 16"),
+    (["--random-weights", "--arch", "cogvideox-2b", "--model", "x/y"], "use one"),
+    (["--layers", "2"], "--random-weights only"),
+    (["--preset", "no-such-preset"], "unknown preset"),
+    (["--keep", "1.5"], "(0, 1]"),
+    (["--kernel-providers", "sdpa,cudnn"], "unknown kernel provider"),
+    (["--density-sweep", "0.1,abc"], "--density-sweep"),
+    (["--model", "./no/such/folder"], "neither an existing folder"),
+    (["--frames", "2", "--warmup", "0.5", "--refresh-interval", "2.5", "--steps", "2"], "refresh_interval"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
+def test_bad_input_one_line_exit_2(argv, message, capsys, tmp_path):
+    rc = profiler.main(argv + ["--json", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("rettn: error: ") and message in err[0], err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_argument_syntax_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        profiler.main(["--steps", "0"])
+    assert e.value.code == 2
