@@ -453,7 +453,7 @@ def kernel_table(capture: Capture, config, providers, keeps, repeats: int, warmu
         if "rettn" in ms and "flex" in ms:
             row["rettn_vs_flex"] = ms["flex"] / ms["rettn"]
         if "flex" in ms and "sdpa" in ms:
-            row["flex_vs_sdpa"] = ms["flex"] / ms["sdpa"]
+            row["flex_vs_sdpa"] = ms["sdpa"] / ms["flex"]
         rows.append(row)
     return {"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d}, "dtype": str(dtype).replace("torch.", ""),
             "pattern": config.pattern, "block_size": config.block_size, "repeats": repeats, "warmup": warmup,
@@ -480,7 +480,9 @@ def environment(device: torch.device) -> dict:
 
     env = {"device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "rettn": __version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(),
+           "variables": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                                                     "TRITON_INTERPRET") if k in os.environ}}
     try:
         import triton
 

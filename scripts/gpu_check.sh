@@ -32,8 +32,9 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then  # the image has no diffusers
 fi
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >> "$OUT/env.txt" 2>&1
 
-# 1. GPU test tier
-timeout "$(cap 130)" "$PY" -m pytest -q -x tests/test_gpu.py tests/test_kernels.py -p no:cacheprovider \
+# 1. GPU test tier (+ the profiler's CUDA path on a shrunk CogVideoX-2B, seconds)
+timeout "$(cap 130)" "$PY" -m pytest -q -x tests/test_gpu.py tests/test_kernels.py \
+  tests/test_profiler.py::test_profile_on_cuda -p no:cacheprovider \
   > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/tests.txt"
 

@@ -13,11 +13,11 @@ from tiny_models import FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
 
 # Small and quick: the embedded model at 2 frames (512 video + 16 text tokens), 6 steps with
 # dense 0-1, cache 2 and 5, sparse 3-4.
-TINY_ARGS = ["--steps", "6", "--warmup", "2", "--refresh-interval", "3", "--frames", "2",
+TINY_ARGS = ["--device", "cpu", "--steps", "6", "--warmup", "2", "--refresh-interval", "3", "--frames", "2",
              "--kernel-providers", "sdpa,dense_lse,rettn,rettn_rescaled", "--kernel-repeats", "2",
              "--density-sweep", "0.25"]
 # CogVideoX-2B's real blocks (1 of 30), 1 latent frame of 8 x 8 tokens + 16 text tokens.
-ARCH_ARGS = ["--random-weights", "--arch", "cogvideox-2b", "--layers", "1", "--frames", "1", "--height", "128",
+ARCH_ARGS = ["--device", "cpu", "--random-weights", "--arch", "cogvideox-2b", "--layers", "1", "--frames", "1", "--height", "128",
              "--width", "128", "--text-len", "16", "--batch", "1", "--steps", "4", "--warmup", "1",
              "--refresh-interval", "3", "--min-seq-len", "0", "--block-size", "16",
              "--kernel-providers", "sdpa,rettn", "--kernel-repeats", "2", "--density-sweep", "none"]
@@ -79,6 +79,7 @@ def test_profile_embedded_model(tmp_path, capsys):
     assert [r["keep"] for r in k["rows"]] == [0.125, 0.25]
     for r in k["rows"]:
         assert 0 < r["density"] <= 1 and r["ms"]["sdpa"] > 0 and r["ms"]["rettn"] > 0
+        assert r["rettn_vs_sdpa"] == pytest.approx(r["ms"]["sdpa"] / r["ms"]["rettn"])  # > 1: rettn faster
     assert 0 < report["summary"]["mean_density"] < 1
     chart = path.with_suffix(".png")
     assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,7 +101,7 @@ def test_profile_random_weights_arch(tmp_path):
 
 def test_profile_two_calls_per_step(tmp_path):
     """Wan runs CFG as two transformer calls per step: one step, two calls, no extra steps."""
-    argv = ["--random-weights", "--arch", "wan2.1-1.3b", "--layers", "1", "--frames", "5", "--height", "64",
+    argv = ["--device", "cpu", "--random-weights", "--arch", "wan2.1-1.3b", "--layers", "1", "--frames", "5", "--height", "64",
             "--width", "64", "--text-len", "8", "--steps", "4", "--warmup", "1", "--refresh-interval", "3",
             "--min-seq-len", "0", "--block-size", "16", "--no-kernels", "--no-chart"]
     report, _ = _run(argv, tmp_path, "wan")
@@ -108,6 +109,19 @@ def test_profile_two_calls_per_step(tmp_path):
     for mode in ("dense", "rettn"):
         assert [s["calls"] for s in report["runs"][mode][0]["steps"]] == [2, 2, 2, 2]
     assert report["kernels"] == {"skipped": "--no-kernels"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profile_on_cuda(tmp_path):
+    """The GPU path: CUDA events, bf16, the Triton kernels, peak memory (the shrunk 2B arch)."""
+    argv = ARCH_ARGS + ["--device", "cuda", "--block-size", "64", "--height", "256", "--width", "256",
+                        "--kernel-providers", "sdpa,dense_lse,rettn,rettn_rescaled"]  # argparse: the last wins
+    report, _ = _run(argv, tmp_path, "cuda")
+    _check_report(report)
+    assert report["timing"] == "CUDA events" and report["target"]["dtype"] == "bfloat16"
+    assert report["env"]["device_name"] and report["summary"]["peak_memory_bytes"]["rettn"] > 0
+    assert report["kernels"]["rows"][0]["backend"] == "triton"
 
 
 @pytest.mark.parametrize("name", archs.arch_names())
@@ -126,6 +140,24 @@ def test_arch_builds_and_runs(name):
     with torch.no_grad():
         out = model(**kwargs)[0]
     assert out.shape[0] == 1 and torch.isfinite(out).all()
+
+
+# Parameters of each full-size transformer, built on the meta device (no memory, no init): the
+# public sizes are CogVideoX-2B/5B, FLUX.1 12B, HunyuanVideo 13B, PixArt-Sigma 0.6B, Wan 1.3B/14B.
+FULL_SIZE_PARAMETERS = {
+    "cogvideox-2b": 1_693_783_872, "cogvideox-5b": 5_570_283_072, "flux": 11_901_408_320,
+    "hunyuanvideo": 12_821_012_544, "pixart-sigma": 610_856_096, "wan2.1-1.3b": 1_418_996_800,
+    "wan2.1-14b": 14_288_491_584,
+}
+
+
+def test_arch_full_size_parameter_counts():
+    assert sorted(FULL_SIZE_PARAMETERS) == archs.arch_names()
+    for name, expected in FULL_SIZE_PARAMETERS.items():
+        model = archs.build_transformer(archs.load_arch(name), device="meta", dtype=torch.bfloat16)
+        assert sum(p.numel() for p in model.parameters()) == expected, name
+        kept = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+        assert bool(kept) == name.startswith("wan")  # Wan keeps its norms in fp32, like from_pretrained
 
 
 def test_arch_default_shapes():

@@ -10,7 +10,8 @@ from rettn.tiny.pipeline import BACKGROUND, COLOURS, DIRECTIONS, TinyVideoPipeli
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-# (caption, seed) cases checked by hand on the shipped weights (see LEARNED_STEPS)
+# (caption, seed) cases verified on the shipped weights: all 8 right in colour and direction at 5,
+# 6, 8, 10, 12, 20 and 30 steps (and all 48 captions at 8 steps with seed 2); the test allows one miss
 CASES = [
     ("a red circle moving right", 0),
     ("a green square moving left", 1),
@@ -21,7 +22,7 @@ CASES = [
     ("a blue square moving right", 6),
     ("a yellow triangle moving left", 7),
 ]
-LEARNED_STEPS = 12  # fewest steps at which all cases were verified
+LEARNED_STEPS = 8  # well above the fewest steps that work (5), well below the default (30)
 
 
 def seeds(*values):

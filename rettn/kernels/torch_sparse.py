@@ -67,27 +67,37 @@ def torch_block_sparse_attention(
 
     out_b = torch.empty(rows, bq, dv, dtype=cdt, device=dev)
     lse_b = torch.empty(rows, bq, dtype=torch.float32, device=dev) if return_lse else None
-    step = max(1, budget // (bq * m * bk))
     zero = torch.zeros((), dtype=cdt, device=dev)
     neg_inf = torch.full((), float("-inf"), dtype=cdt, device=dev)
-    for s in range(0, rows, step):
-        e = min(rows, s + step)
-        n = e - s
-        kg = kb.index_select(0, flat[s:e].reshape(-1)).view(n, m * bk, d)
-        vg = vb.index_select(0, flat[s:e].reshape(-1)).view(n, m * bk, dv)
-        bias = torch.where(key_ok[s:e], zero, neg_inf).unsqueeze(1)  # (n, 1, M*bk)
-        scores = torch.baddbmm(bias, qb[s:e], kg.transpose(1, 2), alpha=scale)
+    # Rows sorted by block count, each chunk gathering only its own widest row: a few dense rows
+    # (text tokens) do not make every row gather every block.
+    order = torch.argsort(counts, stable=True)
+    sorted_counts = counts[order].tolist()
+    per_block = bq * bk
+    s = 0
+    while s < rows:
+        e = min(rows, s + max(1, budget // (per_block * sorted_counts[s])))
+        while e - s > 1 and (e - s) * sorted_counts[e - 1] * per_block > budget:
+            e = s + (e - s) // 2
+        n, w = e - s, sorted_counts[e - 1]
+        sel = order[s:e]
+        flat_c = flat[sel, :w]
+        kg = kb.index_select(0, flat_c.reshape(-1)).view(n, w * bk, d)
+        vg = vb.index_select(0, flat_c.reshape(-1)).view(n, w * bk, dv)
+        ok = key_ok.view(rows, m, bk)[sel, :w].reshape(n, 1, w * bk)
+        scores = torch.baddbmm(torch.where(ok, zero, neg_inf), qb[sel], kg.transpose(1, 2), alpha=scale)
         mx = scores.amax(dim=-1, keepdim=True)
         if grad:
             scores = torch.exp(scores - mx)
             denom = scores.sum(dim=-1, keepdim=True)
-            out_b[s:e] = torch.bmm(scores / denom, vg)
+            out_b[sel] = torch.bmm(scores / denom, vg)
         else:  # in-place softmax: no second score-sized buffer
             scores.sub_(mx).exp_()
             denom = scores.sum(dim=-1, keepdim=True)
-            torch.bmm(scores.div_(denom), vg, out=out_b[s:e])
+            out_b.index_copy_(0, sel, torch.bmm(scores.div_(denom), vg))
         if return_lse:
-            lse_b[s:e] = (mx + denom.log()).squeeze(-1)
+            lse_b[sel] = (mx + denom.log()).squeeze(-1)
+        s = e
 
     out = out_b.reshape(b, h, nq * bq, dv)[:, :, :sq]
     result = torch.empty_like(q) if dv == d else q.new_empty(b, h, sq, dv)

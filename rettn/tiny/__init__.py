@@ -42,7 +42,12 @@ def load_default_pipeline(device="cpu", dtype=None):
             f"no tiny model weights at {path}; train them with `python scripts/train_tiny.py --out {path}`"
         )
     pipe = TinyVideoPipeline.from_pretrained(str(path), local_files_only=True)  # float32, as saved
-    return pipe.to(torch.device(device), dtype or torch.float32)
+    dtype = dtype or torch.float32
+    for module in (pipe.text_encoder, pipe.transformer):
+        module.to(torch.device(device))
+        if module.dtype != dtype:  # (diffusers warns on any dtype cast, even a no-op one)
+            module.to(dtype=dtype)
+    return pipe
 
 
 def __getattr__(name):  # lazy: importing rettn.tiny does not import diffusers
