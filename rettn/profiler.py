@@ -654,21 +654,7 @@ def write_chart(report: dict, path: Path) -> str | None:
 
 
 # ============================================================================== the command
-def _steps_value(text: str):
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step count or a fraction, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+from .cli import _positive_int, _steps_value  # noqa: E402  (shared argument types)
 
 
 def _nonneg_int(text: str) -> int:
