@@ -654,7 +654,7 @@ def write_chart(report: dict, path: Path) -> str | None:
 
 
 # ============================================================================== the command
-from .cli import _positive_int, _steps_value  # noqa: E402  (shared argument types)
+from .cli import CLIError, _device, _positive_int, _steps_value  # noqa: E402  (shared with generate)
 
 
 def _nonneg_int(text: str) -> int:
@@ -731,20 +731,6 @@ def build_parser(prog: str = "rettn profile") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return p
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ProfileError(f"unknown device {name!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProfileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ProfileError(f"unsupported device {name!r}; use cpu or cuda")
-    return dev
 
 
 def _config(args, preset: str | None):
@@ -1035,7 +1021,7 @@ def run(args) -> int:
     """``rettn profile``: 0 on success; bad input prints one line ``rettn: error: ...`` and returns 2."""
     try:
         profile(args)
-    except (ProfileError, ValueError, OSError) as e:  # bad input, sizes a model refuses, unwritable paths
+    except (ProfileError, CLIError, ValueError, OSError) as e:  # bad input, sizes a model refuses, unwritable paths
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"rettn: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

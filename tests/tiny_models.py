@@ -288,19 +288,6 @@ def _scale_qk(model: torch.nn.Module, gain: float) -> None:
                 target.bias.mul_(s)
 
 
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, getattr(model, "dtype", p.dtype)
-
-
-def _text_mask(batch: int, text_len: int) -> torch.Tensor:
-    """Sample 0 sees all text; every other sample has its last 3 text tokens padded."""
-    mask = torch.ones(batch, text_len, dtype=torch.long)
-    if text_len > 3:
-        mask[1:, -3:] = 0
-    return mask
-
-
 def tiny_inputs(
     family: str,
     model: torch.nn.Module,
@@ -311,154 +298,16 @@ def tiny_inputs(
     text_len: int | None = None,
     t: float = 500.0,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``model(**kwargs)``, as the family's pipeline would pass them.
+    """Keyword arguments for ``model(**kwargs)``, as the family's pipeline would pass them:
+    :func:`rettn.dummy_inputs.forward_inputs` at the tiny defaults (grid ``tiny_shape(family).grid``,
+    ``TEXT_LEN`` text tokens, the last 3 text tokens of samples 1..B-1 padded where the forward
+    takes a text mask)."""
+    from rettn.dummy_inputs import forward_inputs
 
-    grid: (frames, height, width) in tokens after patchify; defaults to ``tiny_shape(family).grid``.
-        Image families need frames == 1.
-    text_len: text tokens; ignored where the model's config fixes it (CogVideoX without RoPE:
-        ``max_text_seq_length``; Hunyuan-DiT: ``text_len + text_len_t5``).
-    t: the denoising time on the 0..1000 scale, the same for every sample (as pipelines do); it is
-        converted to what each family's forward expects (Flux: t / 1000; CogVideoX and PixArt:
-        an integer).
-
-    Padded text (masks with zeros in samples 1..B-1) is produced for the families whose forward
-    takes a text mask: PixArt, Hunyuan-DiT (CLIP part), HunyuanVideo, LTX-Video.
-    """
     _check_family(family)
-    shape = tiny_shape(family)
-    f, h, w = grid if grid is not None else shape.grid
-    if family in _IMAGE_FAMILIES and f != 1:
-        raise ValueError(f"{family} is an image model: grid frames must be 1, got {f}")
-    L = text_len if text_len is not None else TEXT_LEN
-    cfg = model.config
-    device, dtype = _model_device_dtype(model)
-    gen = torch.Generator().manual_seed(seed)
+    return forward_inputs(family, model, batch, seed, grid=grid if grid is not None else tiny_shape(family).grid,
+                          text_len=text_len if text_len is not None else TEXT_LEN, t=t)
 
-    def randn(*size):
-        return torch.randn(*size, generator=gen)
-
-    out: dict[str, Any]
-    if family in ("cogvideox", "cogvideox-rope"):
-        p = cfg.patch_size
-        if not cfg.use_rotary_positional_embeddings:
-            L = cfg.max_text_seq_length
-        out = dict(
-            hidden_states=randn(batch, f, cfg.in_channels, h * p, w * p),  # (B, F, C, H, W)
-            encoder_hidden_states=randn(batch, L, cfg.text_embed_dim),
-            timestep=torch.full((batch,), int(t), dtype=torch.long),
-        )
-        if cfg.use_rotary_positional_embeddings:
-            from diffusers.models.embeddings import get_3d_rotary_pos_embed
-            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-            crops = get_resize_crop_region_for_grid((h, w), cfg.sample_width // p, cfg.sample_height // p)
-            cos, sin = get_3d_rotary_pos_embed(
-                embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(h, w), temporal_size=f
-            )
-            out["image_rotary_emb"] = (cos, sin)
-    elif family == "pixart":
-        p = cfg.patch_size
-        out = dict(
-            hidden_states=randn(batch, cfg.in_channels, h * p, w * p),
-            encoder_hidden_states=randn(batch, L, cfg.caption_channels),
-            encoder_attention_mask=_text_mask(batch, L),
-            timestep=torch.full((batch,), int(t), dtype=torch.long),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        )
-    elif family == "hunyuan-dit":
-        from diffusers.models.embeddings import get_2d_rotary_pos_embed
-        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
-
-        p = cfg.patch_size
-        L1, L2 = cfg.text_len, cfg.text_len_t5
-        head_dim = cfg.attention_head_dim
-        base_size = 512 // 8 // p  # what HunyuanDiTPipeline uses
-        crops = get_resize_crop_region_for_grid((h, w), base_size)
-        image_rotary_emb = get_2d_rotary_pos_embed(head_dim, crops, (h, w), output_type="pt")
-        size_ids = torch.tensor([[1024, 1024, 8 * p * h, 8 * p * w, 0, 0]], dtype=torch.float32)
-        out = dict(
-            hidden_states=randn(batch, cfg.in_channels, h * p, w * p),
-            timestep=torch.full((batch,), float(t)),
-            encoder_hidden_states=randn(batch, L1, cfg.cross_attention_dim),
-            text_embedding_mask=_text_mask(batch, L1),
-            encoder_hidden_states_t5=randn(batch, L2, cfg.cross_attention_dim_t5),
-            text_embedding_mask_t5=torch.ones(batch, L2, dtype=torch.long),
-            image_meta_size=size_ids.repeat(batch, 1),
-            style=torch.zeros(batch, dtype=torch.long),
-            image_rotary_emb=image_rotary_emb,
-        )
-    elif family == "wan":
-        pt, ph, pw = cfg.patch_size
-        out = dict(
-            hidden_states=randn(batch, cfg.in_channels, f * pt, h * ph, w * pw),
-            timestep=torch.full((batch,), float(t)),
-            encoder_hidden_states=randn(batch, L, cfg.text_dim),
-        )
-    elif family == "flux":
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] = torch.arange(h)[:, None]
-        ids[..., 2] = torch.arange(w)[None, :]
-        out = dict(
-            hidden_states=randn(batch, h * w, cfg.in_channels),  # packed latents
-            encoder_hidden_states=randn(batch, L, cfg.joint_attention_dim),
-            pooled_projections=randn(batch, cfg.pooled_projection_dim),
-            timestep=torch.full((batch,), t / 1000.0),  # FluxPipeline passes t / 1000
-            img_ids=ids.reshape(h * w, 3),
-            txt_ids=torch.zeros(L, 3),
-        )
-        if cfg.guidance_embeds:
-            out["guidance"] = torch.full((batch,), 3.5)
-    elif family == "hunyuanvideo":
-        p, pt = cfg.patch_size, cfg.patch_size_t
-        out = dict(
-            hidden_states=randn(batch, cfg.in_channels, f * pt, h * p, w * p),
-            timestep=torch.full((batch,), float(t)),
-            encoder_hidden_states=randn(batch, L, cfg.text_embed_dim),
-            encoder_attention_mask=_text_mask(batch, L),
-            pooled_projections=randn(batch, cfg.pooled_projection_dim),
-        )
-        if cfg.guidance_embeds:
-            out["guidance"] = torch.full((batch,), 6.0 * 1000.0)  # pipeline: guidance_scale * 1000
-    elif family == "ltx-video":
-        if cfg.patch_size != 1 or cfg.patch_size_t != 1:
-            raise ValueError("tiny_inputs packs LTX latents for patch size 1 only")
-        out = dict(
-            hidden_states=randn(batch, f * h * w, cfg.in_channels),  # packed latents
-            encoder_hidden_states=randn(batch, L, cfg.caption_channels),
-            timestep=torch.full((batch,), float(t)),
-            encoder_attention_mask=_text_mask(batch, L),
-            num_frames=f,
-            height=h,
-            width=w,
-            # LTXPipeline: (vae temporal compression / frame_rate, spatial, spatial)
-            rope_interpolation_scale=(8 / 25, 32, 32),
-        )
-    else:  # pragma: no cover
-        raise ValueError(family)
-
-    # Cast to the model dtype what the pipelines cast; RoPE tables, masks and the Wan/LTX/
-    # CogVideoX/PixArt timesteps keep their own dtype, as in the pipelines.
-    cast = {"hidden_states", "encoder_hidden_states", "encoder_hidden_states_t5", "pooled_projections"}
-    if family in ("flux", "hunyuanvideo", "hunyuan-dit"):
-        cast |= {"timestep", "guidance", "image_meta_size"}
-
-    def move(x, to_dtype):
-        if isinstance(x, torch.Tensor):
-            return x.to(device=device, dtype=dtype) if to_dtype and x.is_floating_point() else x.to(device)
-        if isinstance(x, (tuple, list)):
-            return type(x)(move(v, to_dtype) for v in x)
-        if isinstance(x, dict):
-            return {k: move(v, to_dtype) for k, v in x.items()}
-        return x
-
-    out = {k: move(v, k in cast) for k, v in out.items()}
-    out["return_dict"] = False
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Text encoder and tokenizer built in memory
-# --------------------------------------------------------------------------------------------
 
 _WORDS = (
     "a an the of and in on with to at is red green blue black white yellow circle square "
