@@ -74,21 +74,61 @@ _CORE_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale")
 
 
 def _core_args(args, kwargs):
-    """(attn_mask, dropout_p, is_causal, scale) of an SDPA-like call, or None when it uses
-    anything else (GQA, a parallel config, more positional arguments)."""
+    """(attn_mask, dropout_p, is_causal, scale, parallel_config) of an SDPA-like call, or None
+    when it uses anything else (GQA, a backend argument rettn does not know, more positional
+    arguments)."""
     if len(args) > len(_CORE_PARAMS):
         return None
     values = dict(zip(_CORE_PARAMS, args))
+    parallel = None
     for name, value in kwargs.items():
         if name in _CORE_PARAMS and name not in values:
             values[name] = value
-        elif name in ("enable_gqa", "attention_kwargs", "backend", "parallel_config"):
+        elif name == "parallel_config":
+            parallel = value
+        elif name in ("enable_gqa", "attention_kwargs", "backend"):
             if value not in (None, False) and not (name == "attention_kwargs" and not value):
                 return None
         else:
             return None
     return (values.get("attn_mask"), values.get("dropout_p", 0.0), values.get("is_causal", False),
-            values.get("scale"))
+            values.get("scale"), parallel)
+
+
+def _context_parallel(parallel_config):
+    """diffusers' ContextParallelConfig of a call when it spans more than one process, else None.
+    Ring attention (each rank holds a shard of the keys) cannot give rettn a whole attention row
+    to select blocks from and would need the lse merged across shards: an error, not a wrong
+    result."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None or getattr(cp, "_world_size", 1) <= 1:
+        return None
+    if getattr(cp, "ring_degree", 1) > 1:
+        raise NotImplementedError(
+            f"rettn does not support ring attention (ContextParallelConfig(ring_degree={cp.ring_degree})): "
+            "block selection needs every key of a row on one rank; use "
+            "ContextParallelConfig(ulysses_degree=N) instead, or remove rettn for this run"
+        )
+    return cp
+
+
+def _ulysses_attend(frame, query, key, value, attn_mask, dropout_p, is_causal, scale, parallel_config):
+    """Ulysses sequence parallelism (diffusers' own all-to-all): each rank gets every token of a
+    subset of heads, so rettn's per-head selection, rho and R run unchanged on its heads."""
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+    def forward_op(ctx, q, k, v, mask, p, causal, sc, enable_gqa=False, return_lse=False, _save_ctx=True,
+                   _parallel_config=None):
+        out = frame.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, p, causal, sc)
+        if out is None:  # this call stays dense: torch's SDPA on the gathered sequence
+            with frame.handle.engine.region("attention", q.device):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     attn_mask=mask, dropout_p=p, is_causal=causal, scale=sc)
+        return out.transpose(1, 2)
+
+    return _templated_context_parallel_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                 False, False, forward_op=forward_op, backward_op=None,
+                                                 _parallel_config=parallel_config)
 
 
 def _make_router(original, heads_second: bool):
@@ -101,6 +141,11 @@ def _make_router(original, heads_second: bool):
         core = _core_args(args, kwargs) if frame is not None and not frame.used else None
         if core is not None:
             frame.used = True
+            *core, parallel = core
+            if not heads_second and _context_parallel(parallel) is not None:
+                if frame.handle.engine.step_kind() == "dense":
+                    return original(query, key, value, *args, **kwargs)
+                return _ulysses_attend(frame, query, key, value, *core, parallel)
             if heads_second:
                 out = frame.attend(query, key, value, *core)
             else:
@@ -181,6 +226,9 @@ class _Frame:
         return torch.cat(outs, 0)
 
 
+_OWN_ATTRS = frozenset({"original", "handle", "layer", "kind", "name", "_routes"})
+
+
 class RettnProcessor:
     """Wraps one attention module's processor; delegates every call to it unchanged."""
 
@@ -216,9 +264,17 @@ class RettnProcessor:
             frames.pop()
 
     def __getattr__(self, item):  # behave like the wrapped processor for attribute reads
-        if item == "original":
+        if item in _OWN_ATTRS:
             raise AttributeError(item)
         return getattr(self.original, item)
+
+    def __setattr__(self, item, value):
+        # writes meant for the processor (diffusers' enable_parallelism sets _parallel_config,
+        # set_attention_backend _attention_backend) go to the wrapped one
+        if item in _OWN_ATTRS:
+            object.__setattr__(self, item, value)
+        else:
+            setattr(self.original, item, value)
 
     def __repr__(self):
         return f"RettnProcessor({self.name}, layer={self.layer}, kind={self.kind}, wraps {type(self.original).__name__})"
@@ -397,5 +453,6 @@ def apply_rettention(target, config: RettnConfig | None = None, *, preset: str |
                 f"rettn is already applied to this {type(model).__name__}; call remove() on the "
                 "first handle before applying it again"
             )
+    _context_parallel(getattr(model, "_parallel_config", None))  # ring attention: a clear error now
     family = fam.detect_family(model)
     return RettnHandle(model, pipeline, config, family)
