@@ -16,8 +16,7 @@ import warnings
 
 import torch
 
-from .kernels.reference import masked_attention_reference
-from .kernels.torch_sparse import torch_block_sparse_attention
+from .kernels import ops
 from .layout import BlockSparseLayout
 
 BACKENDS = ("triton", "torch", "flex")
@@ -168,14 +167,23 @@ def block_sparse_attention(q, k, v, layout, scale=None, return_lse=False, backen
     _check_qkv(q, k, v)
     _check_layout(layout, q, k)
     scale = _scale(scale, q)
-    name = _resolve_backend(backend, q, layout)
-    if name == "triton":
-        out, lse = _triton().triton_attention(q, k, v, layout, scale, return_lse)
-    elif name == "flex":
-        out, lse = _flex_run(q, k, v, layout, scale, return_lse)
-    else:
-        out, lse = torch_block_sparse_attention(q, k, v, layout, scale, return_lse)
+    out, lse = _call(q, k, v, layout, scale, _resolve_backend(backend, q, layout), return_lse)
     return (out, lse) if return_lse else out
+
+
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _call(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
+    """Run the kernels through the ``rettn::sparse_attention`` custom op (one opaque node under
+    torch.compile); directly when autograd needs the torch path's graph."""
+    if _needs_autograd(q, k, v, rho, residual):
+        return ops.run(q, k, v, layout, None, None, scale, backend, return_lse, rho, residual)
+    n, idx, bq, bk = (None, None, 0, 0) if layout is None else (
+        layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k)
+    out, lse = torch.ops.rettn.sparse_attention(q, k, v, n, idx, bq, bk, scale, backend, return_lse, rho, residual)
+    return out, (lse if return_lse else None)
 
 
 def sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=None, backend=None):
@@ -190,15 +198,8 @@ def sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=None, backen
     scale = _scale(scale, q)
     residual = residual.to(q.device, non_blocking=True)
     rho = rho.to(q.device, non_blocking=True)
-    name = _resolve_backend(backend, q, layout)
-    if name == "triton":
-        out, _ = _triton().triton_attention(q, k, v, layout, scale, rho=rho, residual=residual)
-        return out
-    if name == "flex":
-        out, _ = _flex_run(q, k, v, layout, scale, False)
-    else:
-        out, _ = torch_block_sparse_attention(q, k, v, layout, scale)
-    return torch.addcmul(residual.float(), out.float(), rho.float().unsqueeze(-1)).to(q.dtype)
+    out, _ = _call(q, k, v, layout, scale, _resolve_backend(backend, q, layout), False, rho, residual)
+    return out
 
 
 def _aten_flash_ok(q) -> bool:
@@ -241,9 +242,4 @@ def attention_with_lse(q, k, v, scale=None, backend=None):
         if _aten_flash_ok(q):
             return _aten_flash(q, k, v, scale)
         backend = "triton" if _auto_backend(q, None) == "triton" else "torch"
-    name = _resolve_backend(backend, q, None)
-    if name == "triton":
-        return _triton().triton_attention(q, k, v, None, scale, return_lse=True)
-    if name == "flex":
-        return _flex_run(q, k, v, None, scale, return_lse=True)
-    return masked_attention_reference(q, k, v, None, scale)
+    return _call(q, k, v, None, scale, _resolve_backend(backend, q, None), True)

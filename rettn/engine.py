@@ -24,6 +24,14 @@ from .layout import BlockSparseLayout
 RHO_FLOOR = 1e-6
 
 
+def _bytes(n: float) -> str:
+    """2.00 GiB, 12.0 MiB, 900 bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
 class RegionTimer:
     """Accumulates wall time per (step kind, region) when profiling is on.
 
@@ -65,10 +73,9 @@ class RegionTimer:
 class CacheEntry:
     """Statistics of one (layer, branch) from its last cache step."""
 
-    step: int
     layout: BlockSparseLayout
-    density: float
-    rho: torch.Tensor | None  # (B, H, Sq) float32
+    density: torch.Tensor  # 0-d: counted density of the layout (a tensor: no device sync per call)
+    rho: torch.Tensor | None  # (B, H, Sq) float32; advanced by the ramp after each sparse step
     residual: torch.Tensor | None  # (B, H, Sq, D)
     shape: tuple
 
@@ -82,9 +89,17 @@ class StepRecord:
     step: int
     kind: str
     forwards: int = 0  # transformer calls in this step (CFG branches called separately count)
-    sparse_calls: int = 0  # attention calls that ran the sparse kernel (sparse or cache steps)
     dense_calls: int = 0  # attention calls of sparse-eligible layers that ran dense
-    density_sum: float = 0.0
+    densities: list = field(default_factory=list)  # one 0-d tensor per call that ran sparse
+
+    @property
+    def sparse_calls(self) -> int:
+        """Attention calls that ran the sparse kernel (sparse or cache steps)."""
+        return len(self.densities)
+
+    @property
+    def density_sum(self) -> float:
+        return float(torch.stack([d.double().cpu() for d in self.densities]).sum()) if self.densities else 0.0
 
     @property
     def density(self) -> float | None:
@@ -168,16 +183,35 @@ class StepTracker:
         return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
 
 
+class LayerSlot:
+    """One sparse-eligible layer's state: its cache entries by (CFG branch, batch row).
+
+    The integration gives each wrapped processor its slot, so an attention call reaches its
+    statistics through an object rather than by its layer number: under torch.compile a layer
+    number read in the traced code is a constant guarded on, and every block compiled separately
+    (diffusers' regional compilation) would recompile once per layer.
+    """
+
+    def __init__(self, layer: int, skip: bool):
+        self.layer, self.skip = layer, skip
+        self.entries: dict[tuple, CacheEntry] = {}
+        self.pending: list = []  # this forward's calls: 0-d density tensors, None for dense ones
+
+    def __repr__(self):
+        return f"LayerSlot(layer={self.layer}, skip={self.skip}, entries={list(self.entries)})"
+
+
 @dataclass
 class CallInfo:
     """What the integration knows about one attention call."""
 
-    layer: int  # index of the layer among the sparse-eligible ones
-    kind: str  # "self" or "cross"
+    layer: int | None = None  # index among the sparse-eligible layers (or give ``slot``)
+    kind: str = "self"  # "self" or "cross"
     dense_spans: list = field(default_factory=list)
     grid: tuple | None = None
     text_first: int = 0  # tokens before the video range (frame_window's video_start)
     row: int | None = None  # batch row when a key-padding mask split the batch
+    slot: LayerSlot | None = None  # the layer's state (the integration passes it)
 
 
 class Engine:
@@ -190,11 +224,11 @@ class Engine:
         self.tracker = StepTracker()
         self.num_steps: int | None = config.num_inference_steps
         self.schedule: Schedule | None = None
-        self.cache: dict[tuple, CacheEntry] = {}
+        self.slots: dict[int, LayerSlot] = {}
         self.static_layouts: dict[tuple, BlockSparseLayout] = {}
         self.records: list[StepRecord] = []
+        self.kind = "dense"  # this step's kind, set by on_forward (outside any compiled region)
         self.peak_bytes = 0
-        self.budget_checked: set = set()
         self.timer: RegionTimer | None = None  # set by the profiler
         # set by the quality harness: (step, layer, relative error vs dense) of sparse-step outputs
         self.error_log: list | None = None
@@ -209,37 +243,68 @@ class Engine:
     def reset(self):
         """Forget all statistics and step history (the next call starts a new generation)."""
         self.tracker.reset()
-        self.cache.clear()
+        self.clear_cache()
         self.records = []
+        self.kind = "dense"
         self.peak_bytes = 0
-        self.budget_checked = set()
 
     def start_generation(self, num_steps: int | None):
-        self.cache.clear()
+        self.clear_cache()
         self.records = []
-        self.budget_checked = set()
         if num_steps is not None:
             self.num_steps = num_steps
         self.schedule = self.config.schedule(self.num_steps)
 
     def on_forward(self, timestep: float, num_steps_fn=None):
+        self.flush()
         if self.tracker.on_forward(timestep):
             self.start_generation(num_steps_fn() if num_steps_fn else None)
         step = self.tracker.step
+        self.kind = "dense" if self.schedule is None else self.schedule.kind(step)
         if not self.records or self.records[-1].step != step:
-            self.records.append(StepRecord(step, self.step_kind()))
+            self.records.append(StepRecord(step, self.kind))
         self.records[-1].forwards += 1
 
+    def flush(self):
+        """Move the calls of the last forward into its step record. The attention calls only
+        append to their layer's ``pending`` list (no shared counters they would have to read:
+        under torch.compile those would be guarded on and recompile every step or layer)."""
+        self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
+        for slot in self.slots.values():
+            if slot.pending and self.records:
+                record = self.records[-1]
+                for density in slot.pending:
+                    if density is None:
+                        record.dense_calls += 1
+                    else:
+                        record.densities.append(density)
+            slot.pending.clear()
+
     def step_kind(self) -> str:
-        if self.schedule is None:
-            return "dense"
-        return self.schedule.kind(self.tracker.step)
+        return self.kind
+
+    def slot(self, layer: int) -> LayerSlot:
+        """The state of sparse-eligible layer ``layer`` (created on first use)."""
+        slot = self.slots.get(layer)
+        if slot is None:
+            slot = self.slots[layer] = LayerSlot(layer, layer in self.config.skip_layers)
+        return slot
+
+    def clear_cache(self):
+        for slot in self.slots.values():
+            slot.entries.clear()
+
+    @property
+    def cache(self) -> dict:
+        """Every cache entry by (layer, CFG branch, batch row) (a new dict; read-only view)."""
+        return {(slot.layer, *key): entry for slot in self.slots.values() for key, entry in slot.entries.items()}
 
     @property
     def cached_bytes(self) -> int:
         return sum(e.nbytes for e in self.cache.values())
 
     def stats(self) -> Stats:
+        self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
                      self.peak_bytes, self.tracker.generations)
 
@@ -279,19 +344,19 @@ class Engine:
         return per
 
     def _check_budget(self, q, info: CallInfo):
-        """At the first call of each CFG branch in a generation: would the statistics for every
-        sparse layer fit the budget? An error now, not an out-of-memory crash mid-generation."""
+        """Would the statistics for every sparse layer of the CFG branches seen so far fit the
+        budget? Checked at every call from step 0 on (dense warm-up included): an error at the
+        first call, not an out-of-memory crash mid-generation. Shapes and config only: no sync."""
         budget = self.config.max_cache_bytes
-        branch = self.tracker.branch
-        if budget is None or branch in self.budget_checked:
+        if budget is None:
             return
-        self.budget_checked.add(branch)
-        need = self._entry_bytes(q) * self.n_layers * len(self.budget_checked)
+        branches = self.tracker.branch + 1
+        need = self._entry_bytes(q) * self.n_layers * branches
         if need > budget:
             raise MemoryError(
-                f"rettn would cache {need / 2**30:.2f} GiB of Re-ttention statistics (rho + R for "
-                f"{self.n_layers} layers x {len(self.budget_checked)} CFG branch(es), attention "
-                f"{tuple(q.shape)}), over max_cache_bytes={budget / 2**30:.2f} GiB. Options: "
+                f"rettn would cache {_bytes(need)} of Re-ttention statistics (rho + R for "
+                f"{self.n_layers} layers x {branches} CFG branch(es), attention "
+                f"{tuple(q.shape)}), over max_cache_bytes={_bytes(budget)}. Options: "
                 "residual_dtype='float16' or 'bfloat16', residual_device='cpu' (offload), "
                 "skip_layers=[...] (fewer cached layers), use_residual=False, or a larger budget."
             )
@@ -300,31 +365,31 @@ class Engine:
     def attend(self, q, k, v, scale, info: CallInfo):
         """Output for this attention call, or None to let the model's own dense attention run."""
         cfg = self.config
-        kind = self.step_kind()
-        record = self.records[-1] if self.records else None
-        if info.layer in cfg.skip_layers or q.shape[2] < cfg.min_seq_len:
-            if record is not None and kind != "dense":
-                record.dense_calls += 1
+        kind = self.kind
+        slot = info.slot if info.slot is not None else self.slot(info.layer)
+        if slot.skip or q.shape[2] < cfg.min_seq_len:
+            if kind != "dense":
+                slot.pending.append(None)
             return None
         self._check_budget(q, info)
         if kind == "dense":
             return None
-        key = (info.layer, self.tracker.branch, info.row)
-        entry = self.cache.get(key)
+        key = (self.tracker.branch, info.row)
+        entry = slot.entries.get(key) if kind == "sparse" else None
         if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
             kind = "cache"  # no statistics for this call (new shape or branch): refresh them
         if kind == "cache":
-            out = self._cache_step(q, k, v, scale, info, key)
-            record.sparse_calls += 1
-            record.density_sum += self.cache[key].density
+            out, entry = self._cache_step(q, k, v, scale, info)
+            slot.entries[key] = entry
+            slot.pending.append(entry.density)
             return out
-        return self._sparse_step(q, k, v, scale, info, entry, record)
+        return self._sparse_step(q, k, v, scale, info, slot, entry)
 
-    def _cache_step(self, q, k, v, scale, info, key):
+    def _cache_step(self, q, k, v, scale, info):
         cfg = self.config
         with self.region("selection", q.device):
             layout = self._layout(q, k, info)
-            density = layout.density()
+            density = layout.density_tensor()
         rho = residual = None
         if cfg.use_rho or cfg.use_residual:
             with self.region("attention", q.device):
@@ -343,20 +408,17 @@ class Engine:
                     rho = rho.cpu()
         else:
             out_d = None  # plain sparse: the model's own dense attention runs at cache steps
-        self.cache[key] = CacheEntry(self.tracker.step, layout, density, rho, residual, tuple(q.shape))
-        self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
-        return out_d
+        return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape))
 
-    def _sparse_step(self, q, k, v, scale, info, entry: CacheEntry, record: StepRecord):
+    def _sparse_step(self, q, k, v, scale, info, slot: LayerSlot, entry: CacheEntry):
         cfg = self.config
         if cfg.reselect == "step" and cfg.pattern == "topk":
             with self.region("selection", q.device):
                 layout = self._layout(q, k, info)
-                density = layout.density()
+                density = layout.density_tensor()
         else:
             layout, density = entry.layout, entry.density
-        record.sparse_calls += 1
-        record.density_sum += density
+        slot.pending.append(density)
         if entry.rho is None and entry.residual is None:
             with self.region("attention", q.device):
                 out = block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
@@ -364,7 +426,12 @@ class Engine:
         b, h, s, d = q.shape
         with self.region("bookkeeping", q.device):
             if entry.rho is not None:
-                rho = entry.rho.to(q.device) + cfg.ramp * (self.tracker.step - entry.step - 1)
+                # the n-th sparse step after the cache step uses rho_c + (n - 1) * ramp: the
+                # entry's rho advances by one ramp after each use (no step counter in the
+                # computation, so a compiled graph serves every sparse step)
+                rho = entry.rho.to(q.device)
+                if cfg.ramp:
+                    entry.rho = entry.rho + cfg.ramp
                 if cfg.clamp_rho:
                     rho = rho.clamp(RHO_FLOOR, 1.0)
             else:
@@ -383,5 +450,6 @@ class Engine:
         if self.error_log is not None:
             dense, _ = attention_with_lse(q, k, v, scale=scale)
             err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
-            self.error_log.append((self.tracker.step, info.layer, float(err)))
+            layer = info.slot.layer if info.slot is not None else info.layer
+            self.error_log.append((self.tracker.step, layer, float(err)))
         return out

@@ -189,8 +189,8 @@ def _suffix_valid_lengths(mask, batch, seq_k):
 class _Frame:
     """One running wrapped processor call: routes its core attention call to the engine."""
 
-    def __init__(self, handle: "RettnHandle", layer: int, kind: str):
-        self.handle, self.layer, self.kind, self.used = handle, layer, kind, False
+    def __init__(self, handle: "RettnHandle", slot, kind: str):
+        self.handle, self.slot, self.kind, self.used = handle, slot, kind, False
 
     def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale):
         if dropout_p or is_causal or q.dim() != 4 or k.shape[1] != q.shape[1]:
@@ -200,7 +200,7 @@ class _Frame:
         if self.kind == "self" and q.shape[2] != k.shape[2]:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        info = self.handle._call_info(self.layer, self.kind, q.shape[2])
+        info = self.handle._call_info(self.slot, self.kind, q.shape[2])
         engine = self.handle.engine
         if attn_mask is None:
             return engine.attend(q, k, v, scale, info)
@@ -217,7 +217,7 @@ class _Frame:
         seq, outs = q.shape[2], []
         for b, n in enumerate(valid):
             qb, kb, vb = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
-            row_info = self.handle._call_info(self.layer, self.kind, n, row=b, padding=seq - n)
+            row_info = self.handle._call_info(self.slot, self.kind, n, row=b, padding=seq - n)
             head = engine.attend(qb[:, :, :n], kb, vb, scale, row_info)
             if head is None:  # this row stays dense (e.g. shorter than min_seq_len)
                 head = F.scaled_dot_product_attention(qb[:, :, :n], kb, vb, scale=scale)
@@ -226,7 +226,7 @@ class _Frame:
         return torch.cat(outs, 0)
 
 
-_OWN_ATTRS = frozenset({"original", "handle", "layer", "kind", "name", "_routes"})
+_OWN_ATTRS = frozenset({"original", "handle", "layer", "kind", "name", "slot", "_routes"})
 
 
 class RettnProcessor:
@@ -234,6 +234,7 @@ class RettnProcessor:
 
     def __init__(self, original, handle: "RettnHandle", layer: int, kind: str, name: str):
         self.original, self.handle, self.layer, self.kind, self.name = original, handle, layer, kind, name
+        self.slot = handle.engine.slot(layer)  # the calls reach the layer's state through this
         call = type(original).__call__
         self._routes = []
         names = call.__code__.co_names if hasattr(call, "__code__") else ()
@@ -253,14 +254,10 @@ class RettnProcessor:
         if handle.removed or not self._routes:
             return self.original(attn, *args, **kwargs)
         frames = _active_frames()
-        frames.append(_Frame(handle, self.layer, self._kind_for(args, kwargs)))
-        for ns, name, router in self._routes:
-            _acquire(ns, name, router)
+        frames.append(_Frame(handle, self.slot, self._kind_for(args, kwargs)))
         try:
             return self.original(attn, *args, **kwargs)
         finally:
-            for ns, name, _ in self._routes:
-                _release(ns, name)
             frames.pop()
 
     def __getattr__(self, item):  # behave like the wrapped processor for attribute reads
@@ -324,9 +321,19 @@ class RettnHandle:
             layer, counters[group] = counters[group], counters[group] + 1
             orig = self.original_processors[name]
             self.modules[name].set_processor(_wrapper_class(type(orig))(orig, self, layer, kind, name))
+        # The core functions the wrapped processors call go through a router while this handle
+        # lives (a pass-through outside wrapped calls), not swapped per call: swapping takes a
+        # lock, which torch.compile cannot trace.
+        self._routes = {}
+        for name, _ in targets:
+            for ns, fn_name, router in self.modules[name].processor._routes:
+                self._routes[(id(ns), fn_name)] = (ns, fn_name, router)
+        for ns, fn_name, router in self._routes.values():
+            _acquire(ns, fn_name, router)
         self._forward_args: dict = {}
         self._signature = inspect.signature(model.forward)
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        # step tracking reads the timestep's value: it runs eagerly even in a compiled model
+        self._hook = model.register_forward_pre_hook(torch.compiler.disable(self._pre_forward), with_kwargs=True)
 
     # ------------------------------------------------------------------ per forward
     def _num_steps(self):
@@ -352,7 +359,7 @@ class RettnHandle:
             "grid": fam.read_grid(self.family, module, bound),
         }
 
-    def _call_info(self, layer: int, kind: str, seq: int, row=None, padding: int = 0) -> CallInfo:
+    def _call_info(self, slot, kind: str, seq: int, row=None, padding: int = 0) -> CallInfo:
         """Dense spans (text), grid and video start for an attention call over ``seq`` tokens;
         ``padding`` text tokens were cut from the end of this row's sequence."""
         text = self._forward_args.get("text_len", 0) - padding
@@ -365,7 +372,7 @@ class RettnHandle:
                 spans = [(seq - text, seq)]
         if grid is not None and grid[0] * grid[1] * grid[2] + (text if spans else 0) != seq:
             grid = None  # this call's sequence is not [text +] the video grid
-        return CallInfo(layer=layer, kind=kind, dense_spans=spans, grid=grid, text_first=text_first, row=row)
+        return CallInfo(kind=kind, dense_spans=spans, grid=grid, text_first=text_first, row=row, slot=slot)
 
     # ------------------------------------------------------------------ public
     def stats(self) -> Stats:
@@ -390,6 +397,8 @@ class RettnHandle:
             return
         self.removed = True
         self._hook.remove()
+        for ns, fn_name, _ in self._routes.values():
+            _release(ns, fn_name)
         for name, proc in self.original_processors.items():
             if self.modules[name].processor is not proc:
                 self.modules[name].set_processor(proc)

@@ -183,12 +183,16 @@ class BlockSparseLayout:
         Counted over real tokens: a partial tail block counts by its real size. Averaged over the
         layout's batch rows and heads.
         """
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> torch.Tensor:
+        """:meth:`density` as a 0-d float64 tensor on the layout's device (no device sync)."""
         qs = block_sizes(self.seq_q, self.block_q, self.device).to(torch.float64)
         ks = block_sizes(self.seq_k, self.block_k, self.device).to(torch.float64)
         idx = self.kv_indices.long().clamp(0, self.num_k_blocks - 1)
         per_row = torch.where(self._valid_mask(), ks[idx], 0.0).sum(-1)  # (B, H, nQ) keys per query
         pairs = (per_row * qs).sum(-1)  # (B, H)
-        return float(pairs.mean() / (self.seq_q * self.seq_k))
+        return pairs.mean() / (self.seq_q * self.seq_k)
 
     def expand(self, batch: int, heads: int) -> "BlockSparseLayout":
         """A view broadcast to (batch, heads); raises if the layout cannot broadcast."""

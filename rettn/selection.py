@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import BlockSparseLayout, _check_positive_int, _num_blocks, block_sizes, ceil_blocks
+from .layout import BlockSparseLayout, _check_positive_int, _dense_to_kv, _num_blocks, block_sizes, ceil_blocks
 
 Span = tuple[int, int]
 
@@ -225,7 +225,11 @@ def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSp
     mask = layout.to_dense()
     mask[:, :, rows] = True
     mask[..., cols] = True
-    return BlockSparseLayout.from_dense(mask, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
+    # Full width (every key block) whatever the counts: a shape that does not depend on the data,
+    # so torch.compile traces it once. No row lost its blocks, so no validation is needed.
+    counts, indices = _dense_to_kv(mask, width=mask.shape[-1])
+    return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
+                             validate=False)
 
 
 __all__ = ["topk", "topk_mass", "window", "frame_window", "add_dense_spans", "diagonal_blocks"]

@@ -107,8 +107,8 @@ def sample_clip(gen: torch.Generator):
         return seq[int(torch.randint(len(seq), (), generator=gen))]
 
     colour, shape, direction = choice(list(COLOURS)), choice(SHAPES), choice(list(DIRECTIONS))
-    size = uniform(6.5, 8.0)
-    speed = uniform(2.5, 3.5)
+    size = uniform(5.0, 6.5)
+    speed = uniform(3.5, 4.5)
     travel = speed * (TRAIN_FRAMES - 1)
     extent = size * 1.15 if shape == "triangle" else size  # half extent of the bounding box
     margin = 1.0
@@ -155,14 +155,14 @@ def folder_bytes(path: Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "rettn" / "tiny" / "weights"), help="save_pretrained folder")
-    ap.add_argument("--iters", type=int, default=2400)
+    ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="probability of training on the empty caption")
-    ap.add_argument("--uniform-frac", type=float, default=0.5, help="share of noise levels drawn uniformly")
+    ap.add_argument("--uniform-frac", type=float, default=0.2, help="share of noise levels drawn uniformly")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)

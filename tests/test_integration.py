@@ -163,8 +163,11 @@ def test_remove_after_exception_mid_generation_leaves_pipeline_clean():
 
     with pytest.raises(KeyboardInterrupt):
         pipe(**kwargs(), callback_on_step_end=boom)
-    assert F.scaled_dot_product_attention is sdpa  # nothing left routed
+    assert not rettn.integration._active_frames()  # no wrapped call left open
+    q = torch.randn(1, 2, 40, 16)
+    assert torch.equal(F.scaled_dot_product_attention(q, q, q), sdpa(q, q, q))  # a pass-through outside
     handle.remove()
+    assert F.scaled_dot_product_attention is sdpa  # nothing left routed
     assert all(p is originals[n] for n, p in pipe.transformer.attn_processors.items())
     assert torch.equal(pipe(**kwargs()).frames, base)
 

@@ -1,0 +1,130 @@
+"""torch.compile: rettn's kernels are custom ops with fake implementations, and a patched
+transformer compiles with no graph break (fullgraph=True), agrees with eager, and does not
+recompile when the selected blocks change between steps.
+
+The compiler backend is ``aot_eager``: it runs dynamo (graph capture, guards, recompiles) and
+AOT autograd over fake tensors (the custom op's fake implementation), without Inductor's C++
+code generation, which needs a compiler toolchain and minutes on a 2-core CI machine.
+scripts/gpu_check.sh runs the Inductor path on a GPU.
+"""
+
+import pytest
+import torch
+from tiny_models import tiny_inputs, tiny_transformer
+from torch._dynamo.utils import counters
+
+import rettn
+from rettn import selection
+from rettn.attention import sparse_attention_rescaled
+from helpers import qkv, random_layout
+
+TIMESTEPS = (900, 800, 700, 600, 500, 400, 300)
+CONFIG = dict(keep=0.25, block_size=32, warmup=1, refresh_interval=3, dense_final=0, ramp=0.01,
+              num_inference_steps=len(TIMESTEPS), min_seq_len=0)
+
+
+def _run(model, inputs):
+    outs = []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            outs.append(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})[0])
+    return outs
+
+
+def _blocks(model):
+    return model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_custom_op_fake_and_schema():
+    """torch.library.opcheck: schema, fake (meta) implementation and AOT dispatch agree with the
+    real kernel, for sparse, dense, lse and rescaled calls, on contiguous and strided inputs."""
+    q, k, v = qkv(1, 2, 100, 16, seed=1)
+    layout = random_layout(1, 2, 100, 100, 32, seed=2)
+    n, idx = layout.kv_num_blocks, layout.kv_indices
+    rho = torch.rand(1, 2, 100) * 0.5 + 0.5
+    residual = torch.randn(1, 2, 100, 16) * 0.1
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # a (B, S, H, D) buffer seen as (B, H, S, D)
+    cases = [
+        (q, k, v, n, idx, 32, 32, 0.25, "torch", True, None, None),
+        (qt, k, v, n, idx, 32, 32, 0.25, "torch", False, None, None),
+        (q, k, v, None, None, 0, 0, 0.25, "torch", True, None, None),
+        (q, k, v, n, idx, 32, 32, 0.25, "torch", False, rho, residual),
+    ]
+    for args in cases:
+        torch.library.opcheck(torch.ops.rettn.sparse_attention.default, args)
+    out, _ = torch.ops.rettn.sparse_attention(*cases[1])
+    assert out.stride() == qt.stride()  # the op returns q's strides, as its fake says
+
+
+def test_ops_compile_without_graph_break():
+    """The public ops inside a fullgraph-compiled function: no break, same numbers as eager."""
+    q, k, v = qkv(2, 2, 130, 16, seed=3)
+
+    def f(q, k, v):
+        layout = selection.topk(q, k, 0.3, block_q=32, dense_spans=[(0, 20)])
+        out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True)
+        dense, dlse = rettn.attention_with_lse(q, k, v)
+        rho = torch.exp(lse - dlse)
+        return sparse_attention_rescaled(q, k, v, layout, rho, dense - out), layout.density_tensor()
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1])
+
+
+@pytest.mark.parametrize("family,how", [("cogvideox", "blocks"), ("wan", "blocks"), ("flux", "whole")])
+def test_compiled_transformer_matches_eager(family, how):
+    """CogVideoX (processor calls F.scaled_dot_product_attention) and Wan (diffusers'
+    dispatch_attention_fn) compiled block by block, as diffusers' regional compilation does;
+    Flux compiled whole. fullgraph=True: any graph break is an error."""
+    model = tiny_transformer(family, 0, qk_gain=8.0, **({"num_layers": 4} if family == "cogvideox" else {}))
+    inputs = tiny_inputs(family, model, batch=1)
+    handle = rettn.apply_rettention(model, reselect="step", **CONFIG)
+
+    # the eager run, recording the blocks top-k selects at each step
+    chosen = []
+    real_topk = selection.topk
+
+    def recording_topk(*args, **kwargs):
+        layout = real_topk(*args, **kwargs)
+        chosen.append(layout.kv_indices.clone())
+        return layout
+
+    selection.topk = recording_topk
+    try:
+        eager = _run(model, inputs)
+    finally:
+        selection.topk = real_topk
+    kinds = handle.stats().kinds()
+    assert kinds == ["dense", "cache", "sparse", "sparse", "cache", "sparse", "sparse"]
+    assert len({tuple(c.flatten().tolist()) for c in chosen}) > 1  # the selection does change
+
+    if how == "blocks":
+        for block in _blocks(model):
+            block.compile(backend="aot_eager", fullgraph=True)
+    else:
+        model.compile(backend="aot_eager", fullgraph=True)
+    compiled = _run(model, inputs)
+    assert handle.stats().kinds() == kinds
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    # one graph per step kind (+ the first cache step, whose layer state is still empty, and at
+    # most one for the model's own input strides), however many layers and steps there are
+    assert 3 <= graphs <= 5, dict(counters["stats"])
+    assert not counters["graph_break"]
+
+    compiled_again = _run(model, inputs)  # a second generation: nothing new to compile
+    assert counters["stats"]["unique_graphs"] == graphs
+    for a, b in zip(eager, compiled_again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    handle.remove()

@@ -1,0 +1,451 @@
+"""The bad-input sweep: user-facing failures that no other test file checks.
+
+API errors: the exception type and its message. Command line errors (``rettn generate / eval /
+profile``): exit code 2 and exactly one line ``rettn: error: ...`` on stderr; argparse's own
+errors: exit code 2 (SystemExit) with argparse's usage line and its ``error:`` line.
+``docs/errors.md`` lists every user-facing failure with the test that checks it.
+"""
+
+import importlib
+import sys
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import qkv
+from tiny_models import tiny_inputs, tiny_pipeline, tiny_transformer
+
+import rettn
+from rettn import BlockSparseLayout, RettnConfig, selection
+from rettn.cli import main
+from rettn.integration import RettnProcessor
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+# ============================================================================ helpers
+def cli_error(argv, capsys) -> str:
+    """Run the CLI in-process; assert exit code 2 and one stderr line; return that line."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert err.startswith("rettn: error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def argparse_error(argv, capsys) -> str:
+    """argparse's own errors: SystemExit(2), usage then one ``error:`` line; return that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("usage: rettn"), lines
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def image_pipeline_folder(tmp_path_factory):
+    """A saved tiny PixArt pipeline: an image model that takes no --frames, loaded with --model."""
+    folder = tmp_path_factory.mktemp("pixart")
+    tiny_pipeline("pixart").save_pretrained(folder)
+    return folder
+
+
+# ============================================================================ configuration
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_size=0), "block_size must be a positive integer, got 0"),
+        (dict(block_size=64.0), "block_size must be a positive integer, got 64.0"),
+        (dict(reselect="always"), r"reselect must be one of \('cache', 'step'\), got 'always'"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer or None, got 0"),
+        (dict(ramp=-0.1), r"ramp \(the paper's lambda\) must be a number >= 0, got -0.1"),
+        (dict(use_rho="no"), "use_rho must be True or False, got 'no'"),
+        (dict(dense_conditioning=1), "dense_conditioning must be True or False, got 1"),
+        (dict(min_seq_len=-1), "min_seq_len must be an integer >= 0, got -1"),
+        (dict(residual_device="cuda"), "residual_device must be None or 'cpu', got 'cuda'"),
+        (dict(max_cache_bytes=-5), "max_cache_bytes must be >= 0, got -5"),
+        (dict(max_cache_bytes=1.5), "max_cache_bytes must be a byte count or a size such as '8GB'"),
+    ],
+)
+def test_config_field_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RettnConfig(**kwargs)
+
+
+def test_replace_and_preset_overrides_are_validated():
+    with pytest.raises(ValueError, match=r"unknown RettnConfig field\(s\) \['kep'\]; allowed: \["):
+        RettnConfig().replace(kep=0.1)
+    with pytest.raises(ValueError, match=r"keep must be a fraction in \(0, 1\], got 2"):
+        RettnConfig.from_preset("flux", keep=2)
+    with pytest.raises(ValueError, match=r"unknown RettnConfig field\(s\) \['kep'\]"):
+        RettnConfig.from_preset("flux", kep=0.1)
+    assert RettnConfig.from_preset("flux", keep=0.5).keep == 0.5  # a good override is taken
+
+
+# ============================================================================ apply / remove
+def test_config_and_preset_together():
+    model = tiny_transformer("pixart")
+    with pytest.raises(ValueError, match="pass either config or preset, not both"):
+        rettn.apply_rettention(model, RettnConfig(), preset="pixart-alpha")
+    assert not any(isinstance(p, RettnProcessor) for p in model.attn_processors.values())
+
+
+def test_config_of_the_wrong_type():
+    model = tiny_transformer("pixart")
+    with pytest.raises(TypeError, match="config must be a RettnConfig, got dict"):
+        rettn.apply_rettention(model, {"keep": 0.1})
+    with pytest.raises(ValueError, match=r"unknown RettnConfig field\(s\) \['kep'\]"):
+        rettn.apply_rettention(model, RettnConfig(), kep=0.1)  # overrides of a config are checked too
+    assert not any(isinstance(p, RettnProcessor) for p in model.attn_processors.values())
+
+
+def test_known_family_without_self_attention_modules():
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.processor = object()
+
+        def set_processor(self, p):
+            self.processor = p
+
+    model = type("PixArtTransformer2DModel", (torch.nn.Module,), {})()  # a PixArt by name only
+    model.attn = Attn()
+    with pytest.raises(ValueError, match="found no self-attention modules to sparsify in PixArtTransformer2DModel"):
+        rettn.apply_rettention(model)
+
+
+@torch.no_grad()
+def test_forward_without_timestep():
+    model = tiny_transformer("pixart")
+    inputs = tiny_inputs("pixart", model)
+    inputs["timestep"] = None
+    handle = rettn.apply_rettention(model, keep=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"rettn needs the transformer's `timestep` argument to track steps; "
+                                             r"PixArtTransformer2DModel.forward got none"):
+            model(**inputs)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_bare_transformer_with_a_fractional_schedule():
+    model = tiny_transformer("pixart")
+    inputs = tiny_inputs("pixart", model)
+    handle = rettn.apply_rettention(model, keep=0.5, warmup=0.3)
+    try:
+        with pytest.raises(ValueError, match=r"needs the number of steps: apply rettn to the pipeline.*"
+                                             r"handle.set_num_inference_steps\(N\)"):
+            model(**inputs)
+        handle.set_num_inference_steps(10)  # the fix the message names
+        assert torch.isfinite(model(**inputs)[0]).all()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_set_num_inference_steps_rejects_non_positive_integers(n):
+    handle = rettn.apply_rettention(tiny_transformer("pixart"), keep=0.5)
+    try:
+        with pytest.raises(ValueError, match=f"num_inference_steps must be a positive integer, got {n!r}"):
+            handle.set_num_inference_steps(n)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_frame_window_without_a_token_grid():
+    from diffusers import DiTTransformer2DModel  # generic family: rettn cannot read a token grid
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
+                                  sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
+    handle = rettn.apply_rettention(model, keep=0.25, pattern="frame_window", block_size=16, warmup=0,
+                                    refresh_interval=2, min_seq_len=0)
+    try:
+        with pytest.raises(ValueError, match=r"pattern='frame_window' needs the token grid \(frames, height, "
+                                             r"width\).*generic call; use pattern='topk' or 'window'"):
+            model(torch.randn(1, 4, 16, 16), timestep=torch.tensor([900]), class_labels=torch.tensor([1]))
+    finally:
+        handle.remove()
+
+
+# ============================================================================ attention ops
+def test_qkv_must_be_floating_tensors():
+    q, k, v = qkv(1, 2, 64, 16)
+    layout = BlockSparseLayout.dense(64, 64, 16, 16)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        rettn.block_sparse_attention(q.tolist(), k, v, layout)
+    with pytest.raises(TypeError, match=r"k must be a floating tensor \(fp16/bf16/fp32/fp64\), got torch.int64"):
+        rettn.attention_with_lse(q, k.long(), v)
+
+
+def test_qkv_must_agree_on_batch_heads_sequence_and_device():
+    q, k, v = qkv(1, 2, 64, 16)
+    layout = BlockSparseLayout.dense(64, 64, 16, 16)
+    with pytest.raises(ValueError, match=r"q, k, v must agree on batch and heads, and k, v on sequence length: "
+                                         r"got q \(1, 2, 64, 16\), k \(1, 1, 64, 16\)"):
+        rettn.block_sparse_attention(q, k[:, :1], v, layout)
+    with pytest.raises(ValueError, match="must agree on batch and heads, and k, v on sequence length"):
+        rettn.attention_with_lse(q, k, v[:, :, :32])
+    with pytest.raises(ValueError, match="q, k, v must be on one device, got cpu, meta, cpu"):
+        rettn.attention_with_lse(q, k.to("meta"), v)
+
+
+def test_empty_sequence():
+    q, k, v = qkv(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="sequence lengths must be positive"):
+        rettn.attention_with_lse(q, k[:, :, :0], v[:, :, :0])
+
+
+def test_layout_on_another_device():
+    q, k, v = qkv(1, 2, 64, 16)
+    layout = BlockSparseLayout.dense(64, 64, 16, 16, device="meta")
+    with pytest.raises(ValueError, match=r"layout is on meta but q is on cpu; move it with layout.to\(device\)"):
+        rettn.block_sparse_attention(q, k, v, layout)
+
+
+def test_triton_backend_rejects_dtype_and_head_dim():
+    layout = BlockSparseLayout.dense(64, 64, 16, 16, device=DEVICE)
+    q, k, v = qkv(1, 1, 64, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="the triton backend supports float16, bfloat16 and float32, "
+                                         "not torch.float64"):
+        rettn.block_sparse_attention(q, k, v, layout, backend="triton")
+    q, k, v = qkv(1, 1, 64, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="the triton backend supports head dims 16 to 256, got 8"):
+        rettn.block_sparse_attention(q, k, v, layout, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors")
+def test_triton_backend_needs_cuda_tensors(monkeypatch):
+    importlib.import_module("rettn.kernels.triton_sparse")  # its @triton.jit runs at import: before the env change
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv(1, 1, 64, 16)
+    with pytest.raises(ValueError, match=r"the triton backend needs CUDA tensors \(or TRITON_INTERPRET=1 with CPU"):
+        rettn.block_sparse_attention(q, k, v, BlockSparseLayout.dense(64, 64, 16, 16), backend="triton")
+
+
+# ============================================================================ layouts
+def test_layout_metadata_must_be_int32_tensors_of_the_right_shape():
+    n = torch.ones(1, 1, 2, dtype=torch.int32)
+    idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    sizes = dict(block_q=64, block_k=64, seq_q=128, seq_k=128)
+    with pytest.raises(TypeError, match="kv_num_blocks and kv_indices must be torch tensors"):
+        BlockSparseLayout([[[1, 1]]], idx, **sizes)
+    with pytest.raises(ValueError, match=r"expected kv_num_blocks of shape \(B, H, nQ\) and kv_indices of shape "
+                                         r"\(B, H, nQ, max_kv\), got \(1, 2\) and \(1, 1, 2, 1\)"):
+        BlockSparseLayout(n[0], idx, **sizes)
+    with pytest.raises(ValueError, match="kv_num_blocks and kv_indices must be on the same device"):
+        BlockSparseLayout(n, idx.to("meta"), **sizes)
+    with pytest.raises(ValueError, match="kv_indices must have at least one column"):
+        BlockSparseLayout(n, idx[..., :0], **sizes)
+    assert BlockSparseLayout(n, idx, **sizes).density() == pytest.approx(0.5)  # the good one builds
+
+
+def test_from_dense_needs_a_4d_mask():
+    with pytest.raises(ValueError, match=r"block_mask must be a 4-D \(B, H, nQ, nK\) tensor"):
+        BlockSparseLayout.from_dense(torch.ones(1, 2, 2, dtype=torch.bool), 64, 64, 128, 128)
+
+
+# ============================================================================ selection
+def test_selection_needs_matching_4d_q_and_k():
+    q, k, _ = qkv(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=r"q must be a 4-D \(batch, heads, seq, head_dim\) tensor"):
+        selection.topk(q[0], k, keep=0.5, block_q=16)
+    with pytest.raises(ValueError, match=r"q \(1, 2, 64, 16\) and k \(1, 1, 64, 16\) must agree on batch, heads "
+                                         "and head_dim"):
+        selection.topk_mass(q, k[:, :1], block_q=16)
+
+
+def test_topk_mass_fractions():
+    q, k, _ = qkv(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=r"mass must be a fraction in \(0, 1\], got 0"):
+        selection.topk_mass(q, k, mass=0, block_q=16)
+    with pytest.raises(ValueError, match=r"max_keep must be a fraction in \(0, 1\], got 2"):
+        selection.topk_mass(q, k, max_keep=2, block_q=16)
+
+
+def test_window_and_frame_window_arguments():
+    with pytest.raises(ValueError, match="seq_len must be a positive integer, got 0"):
+        selection.window(0, keep=0.5, block_size=16)
+    with pytest.raises(ValueError, match="video_start must be a non-negative integer, got -1"):
+        selection.frame_window((2, 4, 4), keep=0.5, block_size=16, video_start=-1)
+    with pytest.raises(ValueError, match="half_width must be a non-negative integer, got -2"):
+        selection.frame_window((2, 4, 4), keep=0.5, block_size=16, half_width=-2)
+
+
+def test_dense_spans_need_a_self_attention_layout():
+    cross = BlockSparseLayout.dense(64, 128, 16, 16)
+    with pytest.raises(ValueError, match=r"dense spans apply to self-attention layouts \(seq_q == seq_k\)"):
+        selection.add_dense_spans(cross, [(0, 8)])
+    q, _, _ = qkv(1, 1, 64, 16)
+    _, k, _ = qkv(1, 1, 128, 16)
+    with pytest.raises(ValueError, match="dense spans apply to self-attention layouts"):
+        selection.topk(q, k, keep=0.5, block_q=16, dense_spans=[(0, 8)])
+
+
+# ============================================================================ other helpers
+def test_lpips_unavailable_is_a_runtime_error(monkeypatch):
+    from rettn.metrics import LPIPS
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
+    with pytest.raises(RuntimeError, match=r"LPIPS not available: the lpips package is not installed "
+                                           r"\(pip install lpips\)"):
+        LPIPS.load()
+
+
+# ============================================================================ CLI: generate
+FAST = ["--steps", "2", "--no-progress"]
+
+
+def test_no_command(capsys):
+    line = argparse_error([], capsys)
+    assert line == "rettn: error: the following arguments are required: COMMAND"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "0"], "argument --frames: expected a positive integer, got '0'"),
+    (["--warmup", "abc"], "argument --warmup: expected a step count or a fraction, got 'abc'"),
+    (["--pattern", "diagonal"], "argument --pattern: invalid choice: 'diagonal'"),
+    (["--keep", "lots"], "argument --keep: invalid float value: 'lots'"),
+])
+def test_generate_argument_type_errors(argv, message, capsys):
+    line = argparse_error(["generate", "--prompt", "x"] + argv, capsys)
+    assert line.startswith("rettn generate: error: ") and message in line, line
+
+
+def test_generate_empty_prompt(capsys):
+    assert cli_error(["generate", "--prompt", "   "] + FAST, capsys) == "rettn: error: --prompt is empty"
+
+
+def test_generate_prompts_file_without_prompts(tmp_path, capsys):
+    path = tmp_path / "p.txt"
+    path.write_text("\n   \n\n")
+    line = cli_error(["generate", "--prompts", str(path)] + FAST, capsys)
+    assert line == f"rettn: error: --prompts file '{path}' holds no prompt"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'; use cpu or cuda"),
+    ("meta", "unsupported device 'meta'; use cpu or cuda"),
+])
+def test_generate_unknown_device(device, message, capsys):
+    assert cli_error(["generate", "--prompt", "x", "--device", device] + FAST, capsys) == "rettn: error: " + message
+
+
+def test_generate_dense_with_a_preset(capsys):
+    line = cli_error(["generate", "--prompt", "x", "--dense", "--preset", "flux"] + FAST, capsys)
+    assert line == "rettn: error: --dense runs without rettn; drop the sparsity options (--preset)"
+
+
+def test_generate_model_folder_problems(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{not json")
+    line = cli_error(["generate", "--prompt", "x", "--model", str(folder)] + FAST, capsys)
+    assert line.startswith(f"rettn: error: '{folder / 'model_index.json'}' is not readable JSON: ")
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"\0")
+    line = cli_error(["generate", "--prompt", "x", "--model", str(a_file)] + FAST, capsys)
+    assert line == (f"rettn: error: '{a_file}' is not a diffusers pipeline folder (no model_index.json in it)")
+
+
+def test_generate_prompts_with_a_file_as_out(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving right\n")
+    out = tmp_path / "clip.gif"
+    line = cli_error(["generate", "--prompts", str(prompts), "--out", str(out)] + FAST, capsys)
+    assert line == f"rettn: error: with --prompts, --out is a folder, not a file ('{out}')"
+    assert not out.exists()
+
+
+def test_generate_mp4_without_imageio_ffmpeg(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
+    out = tmp_path / "clip.mp4"
+    line = cli_error(["generate", "--prompt", "x", "--out", str(out)] + FAST, capsys)
+    assert line == "rettn: error: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or use .gif"
+    assert not out.exists()
+
+
+def test_generate_bad_schedule_value(tmp_path, capsys):
+    line = cli_error(["generate", "--prompt", "x", "--warmup", "1.5", "--out", str(tmp_path / "c.gif")] + FAST, capsys)
+    assert line.startswith("rettn: error: warmup must be a step count (int >= 0) or a fraction of the steps")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "2", "--out", "{dir}/o.png"], "--frames does not apply to PixArtAlphaPipeline"),
+    (["--out", "{dir}/o.gif"], "cannot write an image to '{dir}/o.gif': use one of .png, .jpg, .jpeg"),
+])
+def test_generate_option_the_pipeline_does_not_take(image_pipeline_folder, tmp_path, argv, message, capsys):
+    argv = [a.format(dir=tmp_path) for a in argv]
+    line = cli_error(["generate", "--prompt", "x", "--model", str(image_pipeline_folder)] + argv + FAST, capsys)
+    assert line == "rettn: error: " + message.format(dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+# ============================================================================ CLI: eval
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "rettn-topk", "magic"], "unknown method(s) ['magic']; choose from ['sparse-window', "),
+    (["--keeps", "0.5", "0"], "--keeps values must be fractions in (0, 1]"),
+    (["--preset", "nope"], "unknown preset 'nope'; available presets: ["),
+    (["--prompts", "{dir}/missing.txt"], "--prompts file '{dir}/missing.txt' does not exist"),
+    (["--prompts", "{dir}/empty.txt"], "--prompts file '{dir}/empty.txt' holds no prompt"),
+    (["--model", "/no/such/folder"], "'/no/such/folder' is neither an existing folder nor a Hub id"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "--device cuda was asked for, but torch sees no CUDA GPU on this machine")]))
+def test_eval_bad_input(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    argv = [a.format(dir=tmp_path) for a in argv]
+    line = cli_error(["eval", "--no-progress"] + argv, capsys)
+    assert line.startswith("rettn: error: " + message.format(dir=tmp_path)), line
+    assert not (tmp_path / "eval_results").exists()
+
+
+# ============================================================================ CLI: profile
+@pytest.mark.parametrize("argv, message", [
+    (["--random-weights", "--arch", "flux", "--prompt", "x"],
+     "--prompt applies to pipelines; --random-weights runs the bare transformer"),
+    (["--text-len", "8"], "--text-len applies to --random-weights only"),
+    (["--density-sweep", "0.5,2"], "--density-sweep values must be in (0, 1], got '0.5,2'"),
+    (["--device", "tpu"], "unknown device 'tpu'; use cpu or cuda"),
+])
+def test_profile_bad_input(argv, message, tmp_path, capsys):
+    line = cli_error(["profile"] + argv + ["--json", str(tmp_path / "x.json")], capsys)
+    assert line == "rettn: error: " + message
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_option_the_pipeline_does_not_take(image_pipeline_folder, tmp_path, capsys):
+    line = cli_error(["profile", "--model", str(image_pipeline_folder), "--frames", "2",
+                      "--json", str(tmp_path / "x.json")], capsys)
+    assert line == "rettn: error: --frames does not apply to PixArtAlphaPipeline"
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-seq-len", "-1"], "argument --min-seq-len: expected an integer >= 0, got '-1'"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+])
+def test_profile_argument_type_errors(argv, message, capsys):
+    line = argparse_error(["profile"] + argv, capsys)
+    assert line.startswith("rettn profile: error: ") and message in line, line
+
+
+
+# ============================================================================ the table itself
+def test_every_test_named_in_docs_errors_md_exists():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "errors.md").read_text()
+    refs = set(re.findall(r"(tests/\w+\.py)::(\w+)", doc))
+    assert len(refs) > 50
+    missing = [f"{path}::{name}" for path, name in sorted(refs)
+               if not (root / path).is_file() or not re.search(rf"^def {name}\(", (root / path).read_text(), re.M)]
+    assert not missing, missing
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert rows and all("tests/" in line.split("|")[-2] for line in rows), "a table row names no test"
