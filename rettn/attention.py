@@ -53,7 +53,14 @@ def _check_qkv(q, k, v) -> None:
 def _scale(scale, q) -> float:
     if scale is None:
         return q.shape[-1] ** -0.5
-    scale = float(scale)
+    if type(scale) is not float:  # a plain float (the usual case) needs no conversion
+        # numbers, numpy scalars and one-element tensors convert; text and bools are not scales
+        if isinstance(scale, (str, bytes, bool)):
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"scale must be a positive number, got {scale!r}") from None
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     return scale

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 SPARSITY_FLAGS = {
     # flag dest: RettnConfig field
     "keep": "keep", "pattern": "pattern", "block_size": "block_size", "warmup": "warmup",
@@ -57,6 +68,11 @@ SPARSITY_FLAGS = {
     "reselect": "reselect", "min_seq_len": "min_seq_len", "backend": "backend",
     "residual_dtype": "residual_dtype",
 }
+
+
+def _flag(dest: str) -> str:
+    """An argparse dest as the user types it: ``no_rho`` -> ``--no-rho``."""
+    return "--" + dest.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +145,70 @@ def _device(name: str | None) -> torch.device:
     return dev
 
 
+def _check_backend(backend: str | None, device: torch.device, source: str = "--backend triton") -> None:
+    """Fail before anything runs when the Triton backend cannot run on ``device``: the same rule as
+    :func:`rettn.kernels.triton_sparse.unsupported_reason` (CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``), told in terms of the command's flags."""
+    if backend != "triton":
+        return
+    from .attention import triton_installed
+
+    if not triton_installed():
+        raise CLIError(f"{source} needs the triton package (pip install triton); or use --backend torch or flex")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton_sparse.interpreting()
+    if device.type != "cuda" and not (interpreting and device.type == "cpu"):
+        raise CLIError(f"{source} needs a CUDA device, but this run is on --device {device.type}: use --device cuda "
+                       "on a machine with a GPU, or --backend torch or flex (or set TRITON_INTERPRET=1 to run "
+                       "Triton's CPU interpreter)")
+
+
+def _check_output(path, flag: str, folder: bool = False) -> None:
+    """Fail before any model loads if ``path`` (a file, or with ``folder=True`` a folder) cannot be
+    written: what exists of it must be folders, the deepest of them writable, and a file path must
+    not name a folder. Nothing is created here; missing folders are made when the output is written."""
+    path = Path(path)
+    try:
+        if not folder and path.is_dir():
+            raise CLIError(f"cannot write {flag} '{path}': it is a folder; give a file name")
+        here = path if folder else path.parent
+        existing = next((p for p in (here, *here.parents) if p.exists()), None)
+        if existing is None:  # only when the working folder itself is gone
+            raise CLIError(f"cannot write {flag} '{path}': none of its folders exists")
+        if not existing.is_dir():
+            raise CLIError(f"cannot write {flag} '{path}': '{existing}' is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CLIError(f"cannot write {flag} '{path}': the folder '{existing}' is not writable")
+    except OSError as e:
+        raise CLIError(f"cannot write {flag} '{path}': {e.strerror or e}") from None
+
+
+def _write_failed(path, flag: str, e: OSError) -> CLIError:
+    """The one-line error for an OSError met while writing ``path`` (the up-front check passed,
+    but the disk said no: a full disk, a folder that changed meanwhile)."""
+    try:
+        _check_output(path, flag)
+    except CLIError as err:
+        return err
+    return CLIError(f"cannot write {flag} '{path}': {e.strerror or e}")
+
+
+def _write_media(path, data, is_video: bool, args) -> None:
+    try:
+        media.write(path, data, is_video, fps=args.fps, upscale=args.upscale)
+    except OSError as e:
+        raise _write_failed(path, "--out", e) from None
+
+
+def write_json(path, data, flag: str = "--json") -> None:
+    """Write ``data`` as JSON to ``path``, creating its folder; an OSError is a one-line CLIError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, default=str))
+    except OSError as e:
+        raise _write_failed(path, flag, e) from None
+
+
 def _read_prompts(args) -> list[tuple[int, str]]:
     """(line number from 1, prompt) pairs; blank lines are skipped."""
     if args.prompt is not None:
@@ -185,13 +265,41 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+_HELPER_PACKAGES = ("torch", "numpy", "contextlib", "functools")
+
+
+def _is_rettn_module(name: str) -> bool:
+    """rettn's own code; the embedded pipeline (``rettn.tiny``) counts as a pipeline, not as rettn."""
+    return (name == "rettn" or name.startswith("rettn.")) and not (name == "rettn.tiny" or name.startswith("rettn.tiny."))
+
+
+def _raised_by_rettn(e: BaseException) -> bool:
+    """Whether ``e`` is rettn's own error rather than the pipeline's: an exception class of rettn's,
+    or one raised in rettn code (the innermost frame outside torch / numpy / the standard helpers)."""
+    if _is_rettn_module(type(e).__module__ or ""):
+        return True
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        module = frame.f_globals.get("__name__") or ""
+        if module.split(".")[0] in _HELPER_PACKAGES:
+            continue
+        return _is_rettn_module(module)
+    return False
+
+
 def _run(pipe, kwargs, device):
     """(first output as float array, seconds)."""
     _sync(device)
     t = time.perf_counter()
     try:
         out = pipe(**kwargs)
-    except ValueError as e:  # the pipeline's own input checks (sizes, frames)
+    except ValueError as e:
+        if _raised_by_rettn(e):  # rettn's own check (config, schedule, ...): its message as it is
+            raise CLIError(str(e)) from None
+        # the pipeline's own input checks (sizes, frames)
         raise CLIError(f"{type(pipe).__name__} rejected the request: {e}") from None
     _sync(device)
     seconds = time.perf_counter() - t
@@ -208,8 +316,8 @@ def generate(args) -> dict:
 
     if args.dense and args.compare:
         raise CLIError("--dense and --compare cannot be combined (--compare already runs the dense baseline)")
-    used = [dest for dest in SPARSITY_FLAGS if getattr(args, dest) is not None] + (
-        ["no_rho"] if args.no_rho else []) + (["no_residual"] if args.no_residual else [])
+    used = [_flag(dest) for dest in SPARSITY_FLAGS if getattr(args, dest) is not None] + (
+        ["--no-rho"] if args.no_rho else []) + (["--no-residual"] if args.no_residual else [])
     if args.dense and (used or args.preset):
         raise CLIError(f"--dense runs without rettn; drop the sparsity options ({', '.join(used or ['--preset'])})")
     if args.preset is not None:
@@ -218,9 +326,22 @@ def generate(args) -> dict:
         quiet_progress_bars()
     state = PartialState()
     device = _device(args.device) if state.num_processes == 1 or args.device == "cpu" else state.device
+    _check_backend(args.backend, device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     items = _read_prompts(args)
     many = args.prompts is not None
+    # Where the outputs go: checked now, not after the whole generation.
+    if many:
+        out_dir = Path(args.out or "outputs")
+        if out_dir.suffix and out_dir.suffix.lower() in media.IMAGE_EXTS + media.VIDEO_EXTS:
+            raise CLIError(f"with --prompts, --out is a folder, not a file ('{out_dir}')")
+        _check_output(out_dir, "--out", folder=True)
+    elif args.out is not None:
+        _check_output(args.out, "--out")
+    else:
+        _check_output(Path("."), "--out", folder=True)  # the default file goes to the working folder
+    if args.json:
+        _check_output(args.json, "--json")
 
     try:
         pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
@@ -229,11 +350,10 @@ def generate(args) -> dict:
     pipe.set_progress_bar_config(disable=args.no_progress or not state.is_local_main_process, leave=False)
     is_video = _is_video(pipe)
     config, preset = (None, None) if args.dense else _config(args, pipe)
+    if config is not None and args.backend is None:  # the preset's backend, before any step runs
+        _check_backend(config.backend, device, source=f"preset '{preset}' sets backend triton, which")
 
     if many:
-        out_dir = Path(args.out or "outputs")
-        if out_dir.suffix and out_dir.suffix.lower() in media.IMAGE_EXTS + media.VIDEO_EXTS:
-            raise CLIError(f"with --prompts, --out is a folder, not a file ('{out_dir}')")
         ext = args.format or (".gif" if is_video else ".png")
         ext = ext if ext.startswith(".") else "." + ext
         targets = {i: out_dir / f"{i:04d}-{media.slug(p)}{ext}" for i, p in items}
@@ -271,7 +391,7 @@ def generate(args) -> dict:
                                          lpips_model, lpips_note, apply_rettention))
     summary = _summarise(state, results, skipped, time.perf_counter() - t0, preset, config)
     if args.json and state.is_main_process:
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+        write_json(args.json, summary)
     return summary
 
 
@@ -295,12 +415,12 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
             handle.remove()
         record["density"] = stats.mean_density()
         record["steps"] = stats.counts()
-    media.write(target, data, is_video, fps=args.fps, upscale=args.upscale)
+    _write_media(target, data, is_video, args)
     if args.compare:
         q = compare(dense, data, lpips_model)
         record.update(q)
         both = target.with_name(f"{target.stem}-compare{target.suffix}")
-        media.write(both, media.side_by_side(dense, data), is_video, fps=args.fps, upscale=args.upscale)
+        _write_media(both, media.side_by_side(dense, data), is_video, args)
         record["compare_output"] = str(both)
         lp = f"LPIPS {q['lpips']:.4f}" if q["lpips"] is not None else lpips_note
         speed = record["dense_seconds"] / record["seconds"]
@@ -356,4 +476,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m rettn.cli`: run the package's module, not this __main__ copy of it, so that the
+    # CLIError that eval and profile import from rettn.cli is the class main() catches.
+    from rettn.cli import main as _main
+
+    sys.exit(_main())

@@ -7,6 +7,8 @@ Presets live as YAML files in the repository's ``configs/`` folder (packaged as
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,11 +23,18 @@ STEP_KINDS = ("dense", "cache", "sparse")
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """Python or numpy integers, not bools."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number (NaN and inf would poison every step they touch), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain(x):
+    """numpy scalars -> int / float, so the schedule's int-or-fraction rule sees Python types."""
+    return int(x) if _is_int(x) else float(x)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -40,7 +49,7 @@ def parse_bytes(value) -> int | None:
     if _is_int(value):
         if value < 0:
             raise ValueError(f"max_cache_bytes must be >= 0, got {value}")
-        return value
+        return int(value)
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
@@ -90,6 +99,9 @@ class RettnConfig:
         max_cache_bytes: budget for cached rho + R; exceeding it is an error at the start of a
             generation (before any step runs sparse), naming the bytes needed.
         backend: kernel backend for sparse attention (``None`` = auto).
+        check_finite: after each transformer call, raise ``FloatingPointError`` if an attention
+            output rettn computed holds NaN or inf, naming the layers and step (one device sync
+            per call); False skips the check.
     """
 
     keep: float = 0.0625
@@ -112,6 +124,7 @@ class RettnConfig:
     residual_device: str | None = None
     max_cache_bytes: int | str | None = None
     backend: str | None = None
+    check_finite: bool = True
 
     def __post_init__(self):
         if not _is_number(self.keep) or not 0 < self.keep <= 1:
@@ -121,6 +134,7 @@ class RettnConfig:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if not _is_int(self.block_size) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        self.block_size = int(self.block_size)
         if self.reselect not in RESELECT:
             raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
         for name in ("warmup", "dense_final"):
@@ -130,18 +144,23 @@ class RettnConfig:
                     f"{name} must be a step count (int >= 0) or a fraction of the steps (float in "
                     f"[0, 1]), got {v!r}"
                 )
+            setattr(self, name, _plain(v))
         r = self.refresh_interval
         if not _is_number(r) or r <= 0 or (isinstance(r, float) and r > 1):
             raise ValueError(
                 "refresh_interval must be a step count (int >= 1) or a fraction of the steps "
                 f"(float in (0, 1]), got {r!r}"
             )
+        self.refresh_interval = _plain(r)
         n = self.num_inference_steps
         if n is not None and (not _is_int(n) or n <= 0):
             raise ValueError(f"num_inference_steps must be a positive integer or None, got {n!r}")
+        self.num_inference_steps = None if n is None else int(n)
         if not _is_number(self.ramp) or self.ramp < 0:
-            raise ValueError(f"ramp (the paper's lambda) must be a number >= 0, got {self.ramp!r}")
-        for name in ("dense_conditioning", "clamp_rho", "use_rho", "use_residual", "sparse_cross_attention"):
+            raise ValueError(f"ramp (the paper's lambda) must be a finite number >= 0, got {self.ramp!r}")
+        self.ramp = float(self.ramp)
+        for name in ("dense_conditioning", "clamp_rho", "use_rho", "use_residual", "sparse_cross_attention",
+                     "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.sparse_cross_attention and self.pattern != "topk":
@@ -150,9 +169,10 @@ class RettnConfig:
             _is_int(i) and i >= 0 for i in self.skip_layers
         ):
             raise ValueError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
-        self.skip_layers = list(self.skip_layers)
+        self.skip_layers = [int(i) for i in self.skip_layers]
         if not _is_int(self.min_seq_len) or self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
+        self.min_seq_len = int(self.min_seq_len)
         if self.residual_dtype is not None and self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(
                 f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)} or None, got {self.residual_dtype!r}"

@@ -270,15 +270,30 @@ class Engine:
         append to their layer's ``pending`` list (no shared counters they would have to read:
         under torch.compile those would be guarded on and recompile every step or layer)."""
         self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
+        checks = []
         for slot in self.slots.values():
             if slot.pending and self.records:
                 record = self.records[-1]
-                for density in slot.pending:
-                    if density is None:
+                for item in slot.pending:
+                    if item is None:
                         record.dense_calls += 1
                     else:
-                        record.densities.append(density)
+                        record.densities.append(item[0])
+                        if item[1] is not None:
+                            checks.append((slot.layer, item[1]))
             slot.pending.clear()
+        if checks and not bool(torch.stack([ok.to(checks[0][1].device) for _, ok in checks]).all()):
+            self._raise_not_finite(sorted({layer for layer, ok in checks if not bool(ok)}))
+
+    def _raise_not_finite(self, layers):
+        record = self.records[-1]
+        raise FloatingPointError(
+            f"rettn: the attention output of layer(s) {layers} at step {record.step} ({record.kind} step, CFG "
+            f"branch {self.tracker.branch}) holds NaN or inf. Usual causes: the model's activations "
+            "overflowed before attention (fp16: run in bfloat16 or float32; dense attention is NaN there "
+            "too), NaN/inf in the inputs (latents, embeddings), or residual_dtype='float16' with "
+            "attention outputs beyond 65504 (use 'bfloat16'). check_finite=False turns this check off."
+        )
 
     def step_kind(self) -> str:
         return self.kind
@@ -381,7 +396,7 @@ class Engine:
         if kind == "cache":
             out, entry = self._cache_step(q, k, v, scale, info)
             slot.entries[key] = entry
-            slot.pending.append(entry.density)
+            slot.pending.append((entry.density, self._finite(out)))
             return out
         return self._sparse_step(q, k, v, scale, info, slot, entry)
 
@@ -418,10 +433,10 @@ class Engine:
                 density = layout.density_tensor()
         else:
             layout, density = entry.layout, entry.density
-        slot.pending.append(density)
         if entry.rho is None and entry.residual is None:
             with self.region("attention", q.device):
                 out = block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
+            slot.pending.append((density, self._finite(out)))
             return self._log_error(q, k, v, scale, info, out)
         b, h, s, d = q.shape
         with self.region("bookkeeping", q.device):
@@ -442,7 +457,15 @@ class Engine:
             residual = residual.to(q.device, non_blocking=True)
         with self.region("attention", q.device):  # rescale + residual fused on Triton
             out = sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)
+        slot.pending.append((density, self._finite(out)))
         return self._log_error(q, k, v, scale, info, out)
+
+    def _finite(self, out):
+        """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? None when the
+        check is off or the model's own attention produced the output."""
+        if out is None or not self.config.check_finite:
+            return None
+        return torch.isfinite(out).all()
 
     def _log_error(self, q, k, v, scale, info, out):
         """With ``error_log`` on: the relative L2 error of this sparse-step output against dense

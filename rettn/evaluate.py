@@ -12,7 +12,6 @@ inputs, the counted density (conditioning rows and columns included) and the wal
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -141,25 +140,29 @@ def plot(rows, path) -> str | None:
 
 # ------------------------------------------------------------------------------ command line
 def register(subparsers):
+    from .cli import _nonneg_int, _positive_int  # the argument types of the other commands
+
     p = subparsers.add_parser("eval", help="quality of every method and keep ratio against dense attention",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded model)")
     p.add_argument("--preset", default=None, help="base preset for the schedule and block size")
     p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (default: 8 captions of the embedded model)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--block-size", type=_positive_int, default=None)
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer attention error (saves a dense call per sparse call)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="eval_results", help="where the JSON and the PNG plot go")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def run(args) -> dict:
-    """Raises ValueError with a one-line message on bad input (the CLI prints it, exit 2)."""
+    """Raises ValueError or :class:`rettn.cli.CLIError` with a one-line message on bad input (the
+    CLI prints it, exit 2), before any model loads."""
+    from .cli import CLIError, _check_output, _device, write_json
     from .config import RettnConfig, load_preset
     from .metrics import LPIPS
     from .models import default_preset, load_pipeline, quiet_progress_bars
@@ -181,14 +184,14 @@ def run(args) -> dict:
             raise ValueError(f"--prompts file '{path}' holds no prompt")
     if args.no_progress:
         quiet_progress_bars()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
-    pipe = load_pipeline(args.model, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = _device(args.device)  # the check generate and profile use
+    out = Path(args.out_dir)
+    _check_output(out, "--out-dir", folder=True)  # now, not after the whole evaluation
+    pipe = load_pipeline(args.model, device=str(device), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     preset = args.preset or default_preset(pipe)
     base = RettnConfig.from_preset(preset) if preset else RettnConfig()
-    if args.block_size:
+    if args.block_size is not None:
         base = base.replace(block_size=args.block_size)
     try:
         lpips_model, lpips_note = LPIPS.load(), None
@@ -201,16 +204,18 @@ def run(args) -> dict:
     print(format_table(rows))
     if lpips_note:
         print(lpips_note)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    note = plot(rows, out / "quality.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        note = plot(rows, out / "quality.png")
+    except OSError as e:
+        raise CLIError(f"cannot write --out-dir '{out}': {e.strerror or e}") from None
     report = dict(
         rows=rows, command=" ".join(["rettn"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rettn") else " ".join(sys.argv),
-        device=str(device), device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, preset=preset, base_config=vars(base), prompts=list(prompts), seeds=list(args.seeds),
         steps=args.steps, lpips=lpips_note or "computed", seconds=seconds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
-    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "quality.json", report, "--out-dir")
     print(f"rettn: evaluated {len(rows)} (method, keep) pairs on {len(prompts)} prompts x {len(args.seeds)} seeds "
           f"in {seconds:.0f} s; wrote {out / 'quality.json'}" + (f" and {out / 'quality.png'}" if note is None else f" ({note})"))
     return report

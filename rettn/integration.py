@@ -5,17 +5,21 @@ How it plugs in, without monkeypatching classes:
   keeps the original's call signature (``Attention.forward`` drops keyword arguments a processor
   does not declare; Wan, Flux and LTX pass them positionally) and delegates to it, so every
   family keeps its own projections, norms, RoPE and concatenation;
-- only while a wrapped processor runs, the core attention function it calls
-  (``F.scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn``) is routed to the
-  engine, for that thread only; the original is back as soon as the last wrapped call returns;
+- while a handle lives, the core attention function the wrapped processors call
+  (``F.scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn``) is a router: a
+  call made inside a wrapped processor (tracked per thread) goes to the engine, any other call
+  straight to the original (installed once, not per call: torch.compile cannot trace the lock);
 - a forward pre-hook on the transformer tracks the denoising step from the timestep and reads
-  the text length and token grid for that call.
-``handle.remove()`` restores the exact original processor objects and removes the hook.
+  the text length and token grid for that call; a forward hook folds the call's statistics and
+  checks its outputs were finite. Both run eagerly in a compiled model.
+``handle.remove()`` restores the exact original processor objects and functions and removes the
+hooks.
 """
 
 from __future__ import annotations
 
 import inspect
+import numbers
 import threading
 
 import torch
@@ -334,6 +338,8 @@ class RettnHandle:
         self._signature = inspect.signature(model.forward)
         # step tracking reads the timestep's value: it runs eagerly even in a compiled model
         self._hook = model.register_forward_pre_hook(torch.compiler.disable(self._pre_forward), with_kwargs=True)
+        # after each call: fold its statistics into stats(), raise on a non-finite output
+        self._post_hook = model.register_forward_hook(torch.compiler.disable(self._post_forward))
 
     # ------------------------------------------------------------------ per forward
     def _num_steps(self):
@@ -358,6 +364,9 @@ class RettnHandle:
             "text_len": fam.text_length(self.family, bound),
             "grid": fam.read_grid(self.family, module, bound),
         }
+
+    def _post_forward(self, module, args, output):
+        self.engine.flush()
 
     def _call_info(self, slot, kind: str, seq: int, row=None, padding: int = 0) -> CallInfo:
         """Dense spans (text), grid and video start for an attention call over ``seq`` tokens;
@@ -385,9 +394,9 @@ class RettnHandle:
 
     def set_num_inference_steps(self, n: int):
         """For a bare transformer: the number of denoising steps that schedule fractions refer to."""
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
-        self.engine.num_steps = n
+        self.engine.num_steps = int(n)
         self.engine.reset()
 
     def remove(self):
@@ -397,6 +406,7 @@ class RettnHandle:
             return
         self.removed = True
         self._hook.remove()
+        self._post_hook.remove()
         for ns, fn_name, _ in self._routes.values():
             _release(ns, fn_name)
         for name, proc in self.original_processors.items():

@@ -7,6 +7,7 @@ layout converts to one for free, and ``to_dense()`` gives tests a reference.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,12 @@ def _num_blocks(seq: int, block: int) -> int:
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """``value`` as an int: any integer type (numpy's included) but bool, and > 0."""
+    if type(value) is int and value > 0:  # the usual case
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def block_sizes(seq: int, block: int, device=None) -> torch.Tensor:
@@ -68,10 +72,11 @@ class BlockSparseLayout:
     validate: bool = True
 
     def __post_init__(self):
-        _check_positive_int("block_q", self.block_q)
-        _check_positive_int("block_k", self.block_k)
-        _check_positive_int("seq_q", self.seq_q)
-        _check_positive_int("seq_k", self.seq_k)
+        for name in ("block_q", "block_k", "seq_q", "seq_k"):
+            value = getattr(self, name)
+            checked = _check_positive_int(name, value)
+            if checked is not value:  # numpy integers are stored as plain ints
+                object.__setattr__(self, name, checked)
         n, idx = self.kv_num_blocks, self.kv_indices
         if not isinstance(n, torch.Tensor) or not isinstance(idx, torch.Tensor):
             raise TypeError("kv_num_blocks and kv_indices must be torch tensors")
@@ -143,8 +148,8 @@ class BlockSparseLayout:
     @classmethod
     def from_dense(cls, block_mask: torch.Tensor, block_q: int, block_k: int, seq_q: int, seq_k: int):
         """Build a layout from a bool block mask of shape (B, H, nQ, nK)."""
-        _check_positive_int("block_q", block_q)
-        _check_positive_int("block_k", block_k)
+        block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
+        seq_q, seq_k = _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k)
         if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
             raise ValueError("block_mask must be a 4-D (B, H, nQ, nK) tensor")
         if block_mask.dtype != torch.bool:
@@ -161,8 +166,8 @@ class BlockSparseLayout:
     @classmethod
     def dense(cls, seq_q: int, seq_k: int, block_q: int = 128, block_k: int = 128, device=None):
         """Every query block attends every key block (one broadcast row for all batches and heads)."""
-        _check_positive_int("block_q", block_q)
-        _check_positive_int("block_k", block_k)
+        block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
+        seq_q, seq_k = _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k)
         nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
         counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
         indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()

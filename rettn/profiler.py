@@ -654,17 +654,8 @@ def write_chart(report: dict, path: Path) -> str | None:
 
 
 # ============================================================================== the command
-from .cli import CLIError, _device, _positive_int, _steps_value  # noqa: E402  (shared with generate)
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+from .cli import (  # noqa: E402  (shared with generate)
+    CLIError, _check_backend, _check_output, _device, _nonneg_int, _positive_int, _steps_value)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -912,6 +903,11 @@ def profile(args) -> dict:
 
         load_preset(args.preset)  # unknown preset: fail before building anything
     device = _device(args.device)
+    _check_backend(args.backend, device)
+    # where the report goes: checked now, not after the runs
+    _check_output(args.json or "profile_results", "--json", folder=args.json is None)
+    if args.chart and not args.no_chart:
+        _check_output(args.chart, "--chart")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.random_weights:  # check the rettn options before building or loading anything
         from .archs import load_arch

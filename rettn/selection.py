@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .attention import _scale
 from .layout import BlockSparseLayout, _check_positive_int, _dense_to_kv, _num_blocks, block_sizes, ceil_blocks
 
 Span = tuple[int, int]
@@ -27,10 +29,39 @@ def _check_keep(keep, name: str = "keep") -> float:
     return float(keep)
 
 
+def _check_nonneg_int(name: str, value) -> int:
+    """``value`` as an int >= 0: any integer type (numpy's included) but bool."""
+    if type(value) is int and value >= 0:  # the usual case
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_grid(grid) -> tuple[int, int, int]:
+    """(frames, height, width): three positive integers, in tokens."""
+    values = grid.tolist() if hasattr(grid, "tolist") else grid  # a tensor or a numpy array
+    if isinstance(values, (tuple, list)):  # the usual case
+        values = tuple(values)
+    elif isinstance(values, (str, bytes)):
+        values = None
+    else:
+        try:
+            values = tuple(values)
+        except TypeError:  # not iterable: a single number
+            values = None
+    if values is None or len(values) != 3:
+        shown = grid if values is None else values
+        raise ValueError(f"grid must be (frames, height, width) in tokens: three positive integers, got {shown!r}")
+    return tuple(_check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), values))
+
+
 def _check_qk(q, k) -> None:
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor, got shape {tuple(t.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim"
@@ -58,7 +89,6 @@ def diagonal_blocks(seq: int, block_q: int, block_k: int, device=None) -> torch.
 
 def _block_scores(q, k, block_q, block_k, scale):
     qp, kp = _pool(q, block_q), _pool(k, block_k)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B, H, nQ, nK)
 
 
@@ -82,6 +112,7 @@ def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scal
     keep = _check_keep(keep)
     block_q = _check_positive_int("block_q", block_q)
     block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
+    scale = _scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
     scores = _block_scores(q, k, block_q, block_k, scale)
     if seq_q == seq_k:
@@ -104,6 +135,7 @@ def topk_mass(q, k, mass: float = 0.9, block_q: int = 128, block_k: int | None =
     max_keep = _check_keep(max_keep, "max_keep")
     block_q = _check_positive_int("block_q", block_q)
     block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
+    scale = _scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
     scores = _block_scores(q, k, block_q, block_k, scale)
     nk = scores.shape[-1]
@@ -153,15 +185,12 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
 
     Blocks round the pattern up: report ``layout.density()``, not ``keep``.
     """
-    if len(grid) != 3:
-        raise ValueError(f"grid must be (frames, height, width) in tokens, got {tuple(grid)!r}")
-    frames, height, width = (_check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), grid))
+    grid = frames, height, width = _check_grid(grid)
     keep = _check_keep(keep)
     block_size = _check_positive_int("block_size", block_size)
     per_frame = height * width
     n_video = frames * per_frame
-    if isinstance(video_start, bool) or not isinstance(video_start, int) or video_start < 0:
-        raise ValueError(f"video_start must be a non-negative integer, got {video_start!r}")
+    video_start = _check_nonneg_int("video_start", video_start)
     seq_len = video_start + n_video if seq_len is None else _check_positive_int("seq_len", seq_len)
     if video_start + n_video > seq_len:
         raise ValueError(
@@ -170,8 +199,8 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
         )
     if half_width is None:
         half_width = int(round(keep * per_frame / 2))
-    elif isinstance(half_width, bool) or not isinstance(half_width, int) or half_width < 0:
-        raise ValueError(f"half_width must be a non-negative integer, got {half_width!r}")
+    else:
+        half_width = _check_nonneg_int("half_width", half_width)
 
     nb = _num_blocks(seq_len, block_size)
     pos = torch.arange(n_video, device=device) % per_frame  # in-frame index of each video token

@@ -7,7 +7,8 @@
 #   the cogvideox presets, 50 steps), and writes everything as JSON/text into $OUT.
 # Budget: under 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470): each step's timeout is
 # cut to what is left. At most 8 files come back from $OUT: env.txt, tests.txt,
-# bench_attention.{json,txt}, profile-cogvideox-2b.{json,png}, profile-cogvideox-5b.json, profile.txt.
+# bench_attention.{json,txt}, bench_compile.json, profile-cogvideox-2b.json, profile-cogvideox-5b.json,
+# profile.txt (the profiles' and the compile benchmark's text).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -33,8 +34,8 @@ fi
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >> "$OUT/env.txt" 2>&1
 
 # 1. GPU test tier (+ the profiler's CUDA path on a shrunk CogVideoX-2B, seconds)
-timeout "$(cap 130)" "$PY" -m pytest -q -x tests/test_gpu.py tests/test_kernels.py \
-  tests/test_profiler.py::test_profile_on_cuda -p no:cacheprovider \
+timeout "$(cap 150)" "$PY" -m pytest -q -x tests/test_gpu.py tests/test_kernels.py tests/test_compile.py \
+  tests/test_safety.py tests/test_profiler.py::test_profile_on_cuda -p no:cacheprovider \
   > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/tests.txt"
 
@@ -48,9 +49,15 @@ echo "bench rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/bench_attention.tx
 #    The 2B kernel table includes FlexAttention (compiled once, excluded); the 5B one skips it.
 : > "$OUT/profile.txt"
 echo "== CogVideoX-2B ==" >> "$OUT/profile.txt"
-timeout "$(cap 120)" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b \
+timeout "$(cap 120)" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
   --json "$OUT/profile-cogvideox-2b.json" >> "$OUT/profile.txt" 2>&1
 echo "profile 2b rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/profile.txt"
+# 3b. torch.compile on top of the Triton kernels: 8 CogVideoX-2B blocks at the full shape,
+#     regional Inductor compilation, dense and rettn, eager vs compiled (first runs excluded)
+echo "== torch.compile (8 CogVideoX-2B blocks) ==" >> "$OUT/profile.txt"
+timeout "$(cap 150)" "$PY" scripts/bench_compile.py --arch cogvideox-2b --layers 8 --steps 10 \
+  --json "$OUT/bench_compile.json" >> "$OUT/profile.txt" 2>&1
+echo "bench_compile rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/profile.txt"
 echo "== CogVideoX-5B ==" >> "$OUT/profile.txt"
 timeout "$(cap 200)" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-5b \
   --kernel-providers sdpa,dense_lse,rettn,rettn_rescaled --no-chart \

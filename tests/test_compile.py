@@ -128,3 +128,23 @@ def test_compiled_transformer_matches_eager(family, how):
     for a, b in zip(eager, compiled_again):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     handle.remove()
+
+
+def test_bench_compile_script_runs(tmp_path):
+    """scripts/bench_compile.py (the GPU check's compile benchmark) on a shrunk model: it runs all
+    four variants and writes its report (the numbers are not judged here)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "compile.json"
+    assert bench.main(["--arch", "pixart-sigma", "--layers", "1", "--height", "128", "--width", "128",
+                       "--steps", "3", "--compile-backend", "aot_eager", "--device", "cpu",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"dense eager", "dense compiled", "rettn eager", "rettn compiled"}
+    assert all(v > 0 for v in report["ratios"].values())

@@ -6,9 +6,11 @@ errors: exit code 2 (SystemExit) with argparse's usage line and its ``error:`` l
 ``docs/errors.md`` lists every user-facing failure with the test that checks it.
 """
 
+import functools
 import importlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -59,7 +61,7 @@ def image_pipeline_folder(tmp_path_factory):
         (dict(block_size=64.0), "block_size must be a positive integer, got 64.0"),
         (dict(reselect="always"), r"reselect must be one of \('cache', 'step'\), got 'always'"),
         (dict(num_inference_steps=0), "num_inference_steps must be a positive integer or None, got 0"),
-        (dict(ramp=-0.1), r"ramp \(the paper's lambda\) must be a number >= 0, got -0.1"),
+        (dict(ramp=-0.1), r"ramp \(the paper's lambda\) must be a finite number >= 0, got -0.1"),
         (dict(use_rho="no"), "use_rho must be True or False, got 'no'"),
         (dict(dense_conditioning=1), "dense_conditioning must be True or False, got 1"),
         (dict(min_seq_len=-1), "min_seq_len must be an integer >= 0, got -1"),
@@ -193,6 +195,22 @@ def test_qkv_must_agree_on_batch_heads_sequence_and_device():
         rettn.attention_with_lse(q, k.to("meta"), v)
 
 
+@pytest.mark.parametrize("scale, message", [
+    ("abc", "scale must be a positive number, got 'abc'"),
+    ([0.5], r"scale must be a positive number, got \[0.5\]"),
+    (True, "scale must be a positive number, got True"),
+    (0.0, "scale must be positive, got 0.0"),
+])
+def test_scale_must_be_a_positive_number(scale, message):
+    q, k, v = qkv(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=message):
+        rettn.block_sparse_attention(q, k, v, BlockSparseLayout.dense(64, 64, 16, 16), scale=scale)
+    with pytest.raises(ValueError, match=message):
+        rettn.attention_with_lse(q, k, v, scale=scale)
+    out = rettn.block_sparse_attention(q, k, v, BlockSparseLayout.dense(64, 64, 16, 16), scale=np.float32(0.25))
+    assert torch.allclose(out, rettn.attention_with_lse(q, k, v, scale=0.25)[0], atol=1e-5)  # numpy floats are fine
+
+
 def test_empty_sequence():
     q, k, v = qkv(1, 2, 64, 16)
     with pytest.raises(ValueError, match="sequence lengths must be positive"):
@@ -252,8 +270,14 @@ def test_from_dense_needs_a_4d_mask():
 # ============================================================================ selection
 def test_selection_needs_matching_4d_q_and_k():
     q, k, _ = qkv(1, 2, 64, 16)
-    with pytest.raises(ValueError, match=r"q must be a 4-D \(batch, heads, seq, head_dim\) tensor"):
+    with pytest.raises(ValueError, match=r"q must be a 4-D \(batch, heads, seq, head_dim\) tensor, got shape "
+                                         r"\(2, 64, 16\)"):
         selection.topk(q[0], k, keep=0.5, block_q=16)
+    # not a tensor at all: TypeError, as block_sparse_attention says for the same input
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        selection.topk(q.tolist(), k, keep=0.5, block_q=16)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got ndarray"):
+        selection.topk_mass(q, k.numpy(), block_q=16)
     with pytest.raises(ValueError, match=r"q \(1, 2, 64, 16\) and k \(1, 1, 64, 16\) must agree on batch, heads "
                                          "and head_dim"):
         selection.topk_mass(q, k[:, :1], block_q=16)
@@ -265,6 +289,51 @@ def test_topk_mass_fractions():
         selection.topk_mass(q, k, mass=0, block_q=16)
     with pytest.raises(ValueError, match=r"max_keep must be a fraction in \(0, 1\], got 2"):
         selection.topk_mass(q, k, max_keep=2, block_q=16)
+
+
+@pytest.mark.parametrize("scale, message", [
+    (-1.0, "scale must be positive, got -1.0"),
+    (0, "scale must be positive, got 0.0"),
+    ("abc", "scale must be a positive number, got 'abc'"),
+])
+def test_selection_scale_must_be_a_positive_number(scale, message):
+    q, k, _ = qkv(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=message):
+        selection.topk(q, k, keep=0.5, block_q=16, scale=scale)
+    with pytest.raises(ValueError, match=message):
+        selection.topk_mass(q, k, block_q=16, scale=scale)
+
+
+@pytest.mark.parametrize("grid, message", [
+    (5, "got 5"),
+    ("abc", "got 'abc'"),
+    ((4, 4), r"got \(4, 4\)"),
+    (None, "got None"),
+])
+def test_frame_window_grid_must_be_three_integers(grid, message):
+    with pytest.raises(ValueError, match=r"grid must be \(frames, height, width\) in tokens: three positive "
+                                         r"integers, " + message):
+        selection.frame_window(grid, keep=0.1)
+    with pytest.raises(ValueError, match="width must be a positive integer, got 4.0"):
+        selection.frame_window((2, 4, 4.0), keep=0.1)
+
+
+def test_numpy_integers_are_taken_as_integers():
+    a = selection.window(np.int64(64), keep=0.5, block_size=np.int64(16))
+    assert a.seq_q == 64 and type(a.block_q) is int and type(a.seq_q) is int
+    assert torch.equal(a.to_dense(), selection.window(64, keep=0.5, block_size=16).to_dense())
+    b = selection.frame_window(np.array([2, 4, 4]), keep=0.5, block_size=np.int32(16), video_start=np.int64(8),
+                               half_width=np.int64(2))
+    assert torch.equal(b.to_dense(), selection.frame_window((2, 4, 4), keep=0.5, block_size=16, video_start=8,
+                                                            half_width=2).to_dense())
+    q, k, _ = qkv(1, 2, 64, 16)
+    c = selection.topk(q, k, keep=0.5, block_q=np.int64(16), block_k=np.int16(16))
+    assert type(c.block_k) is int and c.block_k == 16
+    d = BlockSparseLayout.dense(np.int64(64), np.int64(64), np.int64(16), np.int64(16))
+    assert (type(d.seq_q), type(d.block_q)) == (int, int)
+    for bad in (np.int64(0), np.float64(16.0), np.bool_(True), True):
+        with pytest.raises(ValueError, match="block_size must be a positive integer, got"):
+            selection.window(64, keep=0.5, block_size=bad)
 
 
 def test_window_and_frame_window_arguments():
@@ -340,6 +409,94 @@ def test_generate_dense_with_a_preset(capsys):
     assert line == "rettn: error: --dense runs without rettn; drop the sparsity options (--preset)"
 
 
+def test_generate_dense_with_sparsity_flags_names_them_as_typed(capsys):
+    line = cli_error(["generate", "--prompt", "x", "--dense", "--keep", "0.1", "--block-size", "16", "--no-rho"] + FAST,
+                     capsys)
+    assert line == "rettn: error: --dense runs without rettn; drop the sparsity options (--keep, --block-size, --no-rho)"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model."""
+    import rettn.models
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad output location was reported")
+
+    monkeypatch.setattr(rettn.models, "load_pipeline", load_pipeline)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x", "--out", "{file}/clip.gif"], "cannot write --out '{file}/clip.gif': '{file}' is not a folder"),
+    (["--prompt", "x", "--out", "{file}/sub/clip.gif"],
+     "cannot write --out '{file}/sub/clip.gif': '{file}' is not a folder"),
+    (["--prompt", "x", "--out", "{dir}"], "cannot write --out '{dir}': it is a folder; give a file name"),
+    (["--prompts", "{file}", "--out", "{file}/outs"], "cannot write --out '{file}/outs': '{file}' is not a folder"),
+    (["--prompt", "x", "--json", "{file}/s.json"], "cannot write --json '{file}/s.json': '{file}' is not a folder"),
+    (["--prompt", "x", "--json", "{dir}"], "cannot write --json '{dir}': it is a folder; give a file name"),
+])
+def test_generate_unwritable_output_fails_before_any_model_loads(argv, message, tmp_path, capsys, no_model_load):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a red circle moving right\n")
+    argv = [a.format(file=a_file, dir=tmp_path) for a in argv]
+    line = cli_error(["generate"] + argv + FAST, capsys)
+    assert line == "rettn: error: " + message.format(file=a_file, dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written or created
+
+
+def test_generate_creates_the_folders_of_out_and_json(tmp_path, capsys):
+    out, summary = tmp_path / "new" / "clip.gif", tmp_path / "other" / "deeper" / "s.json"
+    assert main(["generate", "--prompt", "x", "--out", str(out), "--json", str(summary)] + FAST) == 0
+    assert out.is_file() and summary.is_file()
+
+
+def test_generate_write_error_is_one_line(tmp_path, capsys, monkeypatch):
+    import rettn.media
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rettn.media, "write", full_disk)
+    out = tmp_path / "clip.gif"
+    line = cli_error(["generate", "--prompt", "x", "--out", str(out)] + FAST, capsys)
+    assert line == f"rettn: error: cannot write --out '{out}': No space left on device"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_generate_triton_backend_without_cuda(capsys, monkeypatch, no_model_load):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = cli_error(["generate", "--prompt", "x", "--backend", "triton"] + FAST, capsys)
+    assert line == ("rettn: error: --backend triton needs a CUDA device, but this run is on --device cpu: use "
+                    "--device cuda on a machine with a GPU, or --backend torch or flex (or set TRITON_INTERPRET=1 "
+                    "to run Triton's CPU interpreter)")
+
+
+def test_triton_backend_check_follows_the_kernel_rule(monkeypatch):
+    from rettn import attention
+    from rettn.cli import CLIError, _check_backend
+
+    if not attention.triton_installed():
+        with pytest.raises(CLIError, match=r"--backend triton needs the triton package \(pip install triton\)"):
+            _check_backend("triton", torch.device("cpu"))
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel runs CPU tensors in Triton's interpreter
+    _check_backend("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(CLIError, match="--backend triton needs a CUDA device, but this run is on --device cpu"):
+        _check_backend("triton", torch.device("cpu"))
+    _check_backend("torch", torch.device("cpu"))  # other backends run anywhere
+
+
+def test_generate_rettn_errors_are_not_blamed_on_the_pipeline(capsys, monkeypatch):
+    # a ValueError raised inside rettn's code during the pipeline call keeps its own message
+    monkeypatch.setattr(selection, "topk", functools.partial(selection.topk, scale="abc"))
+    line = cli_error(["generate", "--prompt", "x", "--pattern", "topk", "--warmup", "0"] + FAST, capsys)
+    assert line == "rettn: error: scale must be a positive number, got 'abc'"
+    # the pipeline's own checks are still labelled as such
+    line = cli_error(["generate", "--prompt", "x", "--height", "31"] + FAST, capsys)
+    assert line.startswith("rettn: error: TinyVideoPipeline rejected the request: height must be")
+
+
 def test_generate_model_folder_problems(tmp_path, capsys):
     folder = tmp_path / "broken"
     folder.mkdir()
@@ -404,6 +561,30 @@ def test_eval_bad_input(argv, message, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "eval_results").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown device 'tpu'; use cpu or cuda"),
+    (["--device", "meta"], "unsupported device 'meta'; use cpu or cuda"),
+    (["--out-dir", "{file}/ev"], "cannot write --out-dir '{file}/ev': '{file}' is not a folder"),
+    (["--out-dir", "{file}"], "cannot write --out-dir '{file}': '{file}' is not a folder"),
+])
+def test_eval_device_and_out_dir_fail_before_any_model_loads(argv, message, tmp_path, capsys, no_model_load):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    line = cli_error(["eval", "--no-progress"] + [a.format(file=a_file) for a in argv], capsys)
+    assert line == "rettn: error: " + message.format(file=a_file)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block-size", "0"], "argument --block-size: expected a positive integer, got '0'"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["--seeds", "0", "-1"], "argument --seeds: expected an integer >= 0, got '-1'"),
+    (["--seeds", "x"], "argument --seeds: expected an integer >= 0, got 'x'"),
+])
+def test_eval_argument_type_errors(argv, message, capsys):
+    line = argparse_error(["eval"] + argv, capsys)
+    assert line.startswith("rettn eval: error: ") and message in line, line
+
+
 # ============================================================================ CLI: profile
 @pytest.mark.parametrize("argv, message", [
     (["--random-weights", "--arch", "flux", "--prompt", "x"],
@@ -416,6 +597,25 @@ def test_profile_bad_input(argv, message, tmp_path, capsys):
     line = cli_error(["profile"] + argv + ["--json", str(tmp_path / "x.json")], capsys)
     assert line == "rettn: error: " + message
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "{file}/x.json"], "cannot write --json '{file}/x.json': '{file}' is not a folder"),
+    (["--json", "{dir}"], "cannot write --json '{dir}': it is a folder; give a file name"),
+    (["--chart", "{file}/c.png"], "cannot write --chart '{file}/c.png': '{file}' is not a folder"),
+] + ([] if torch.cuda.is_available() else [
+    (["--backend", "triton"], "--backend triton needs a CUDA device, but this run is on --device cpu: use --device "
+                              "cuda on a machine with a GPU, or --backend torch or flex (or set TRITON_INTERPRET=1 "
+                              "to run Triton's CPU interpreter)")]))
+def test_profile_report_location_and_backend_fail_before_anything_runs(argv, message, tmp_path, capsys, monkeypatch,
+                                                                      no_model_load):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [a.format(file=a_file, dir=tmp_path) for a in argv]
+    line = cli_error(["profile", "--json", str(tmp_path / "x.json")] + argv, capsys)
+    assert line == "rettn: error: " + message.format(file=a_file, dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_profile_option_the_pipeline_does_not_take(image_pipeline_folder, tmp_path, capsys):

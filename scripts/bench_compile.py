@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Does torch.compile add speed on top of rettn's kernels? Whole generations of a real
+transformer (random weights), four ways, timed side by side in one process:
+dense eager, dense compiled, rettn eager, rettn compiled.
+
+Compiled = regional compilation (each transformer block compiled with fullgraph=True, as
+diffusers' ``compile_repeated_blocks`` does); the attention kernels stay rettn's custom ops.
+Every variant runs once untimed first (compilation, autotuning, caches), then --repeats timed
+generations; the report gives mean seconds per generation and the ratios.
+
+    python scripts/bench_compile.py --arch cogvideox-2b --json compile.json        # a GPU
+    python scripts/bench_compile.py --arch pixart-sigma --layers 2 --height 256 --width 256 \\
+        --steps 6 --compile-backend aot_eager --device cpu                         # a CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rettn  # noqa: E402
+from rettn import dummy_inputs  # noqa: E402
+from rettn.archs import arch_names, build_transformer, load_arch  # noqa: E402
+from rettn.config import RettnConfig  # noqa: E402
+from rettn.profiler import TransformerRunner, environment  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _blocks(model):
+    for name in ("transformer_blocks", "blocks", "single_transformer_blocks"):
+        for block in getattr(model, name, None) or []:
+            yield block
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="cogvideox-2b", choices=arch_names())
+    ap.add_argument("--layers", type=int, default=None, help="fewer transformer blocks (default: all)")
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--preset", default=None, help="rettn preset (default: the model's)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    spec = load_arch(args.arch)
+    grid = spec.token_grid(args.frames, args.height, args.width)
+    steps = args.steps or spec.shape.steps
+    model = build_transformer(spec, args.layers, device=device, dtype=dtype)
+    inputs = dummy_inputs.forward_inputs(spec.family, model, batch=spec.shape.batch, grid=grid,
+                                         text_len=spec.shape.text_len, text_padding=0)
+    runner = TransformerRunner(model, spec.family, inputs, spec.shape.calls_per_step)
+    config = RettnConfig.from_preset(args.preset or spec.preset, num_inference_steps=steps)
+    seq = dummy_inputs.sequence_length(spec.family, model.config, grid, spec.shape.text_len)
+    print(f"{spec.name}: {sum(1 for _ in _blocks(model))} blocks, grid {grid}, attention seq {seq}, "
+          f"{steps} steps, {dtype}, {device}, compile backend {args.compile_backend}", flush=True)
+
+    def generation():
+        _sync(device)
+        t0 = time.perf_counter()
+        runner.run(steps)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    results = {}
+    for compiled in (False, True):
+        if compiled:
+            for block in _blocks(model):
+                block.compile(backend=args.compile_backend, fullgraph=True)
+        for mode in ("dense", "rettn"):
+            handle = rettn.apply_rettention(model, config) if mode == "rettn" else None
+            try:
+                first = generation()  # compiles (compiled) / warms caches (eager): not counted
+                times = [generation() for _ in range(args.repeats)]
+                density = handle.stats().mean_density() if handle else None
+            finally:
+                if handle:
+                    handle.remove()
+            label = f"{mode} {'compiled' if compiled else 'eager'}"
+            results[label] = {"first_s": first, "mean_s": sum(times) / len(times), "runs_s": times, "density": density}
+            print(f"{label:15s} {results[label]['mean_s']:8.3f} s per generation (first run {first:.1f} s)", flush=True)
+
+    def ratio(a, b):
+        return results[a]["mean_s"] / results[b]["mean_s"]
+
+    ratios = {
+        "compile speedup, dense": ratio("dense eager", "dense compiled"),
+        "compile speedup, rettn": ratio("rettn eager", "rettn compiled"),
+        "rettn speedup, eager": ratio("dense eager", "rettn eager"),
+        "rettn speedup, compiled": ratio("dense compiled", "rettn compiled"),
+    }
+    for name, value in ratios.items():
+        print(f"{name:25s} {value:.2f}x")
+    if args.json:
+        report = {"arch": spec.name, "grid": list(grid), "seq": seq, "steps": steps, "dtype": str(dtype),
+                  "compile_backend": args.compile_backend, "results": results, "ratios": ratios,
+                  "environment": environment(device), "command": " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
