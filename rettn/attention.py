@@ -186,7 +186,7 @@ def _call(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
     """Run the kernels through the ``rettn::sparse_attention`` custom op (one opaque node under
     torch.compile); directly when autograd needs the torch path's graph."""
     if _needs_autograd(q, k, v, rho, residual):
-        return ops.run(q, k, v, layout, None, None, scale, backend, return_lse, rho, residual)
+        return ops.run(q, k, v, layout, scale, backend, return_lse, rho, residual)
     n, idx, bq, bk = (None, None, 0, 0) if layout is None else (
         layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k)
     out, lse = torch.ops.rettn.sparse_attention(q, k, v, n, idx, bq, bk, scale, backend, return_lse, rho, residual)

@@ -1,5 +1,5 @@
 """rettn's embedded default model (rettn.tiny): loads offline, generates deterministically, and
-has learned its captions (colour and motion direction of the shape)."""
+has learned its captions (colour, motion direction, and triangles apart from round shapes)."""
 
 import numpy as np
 import pytest
@@ -10,8 +10,8 @@ from rettn.tiny.pipeline import BACKGROUND, COLOURS, DIRECTIONS, TinyVideoPipeli
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-# (caption, seed) cases verified on the shipped weights: all 8 right in colour and direction at 5,
-# 6, 8, 10, 12, 20 and 30 steps (and all 48 captions at 8 steps with seed 2); the test allows one miss
+# (caption, seed) cases: all 8 right in colour and direction on the shipped weights (and all 96 of
+# 48 captions x seeds 0, 1 at 30 steps); the test allows one miss
 CASES = [
     ("a red circle moving right", 0),
     ("a green square moving left", 1),
@@ -134,3 +134,29 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     kw = dict(num_inference_steps=3, output_type="pt")
     assert torch.equal(pipe("a blue triangle moving up", generator=seeds(3), **kw).frames,
                        copy("a blue triangle moving up", generator=seeds(3), **kw).frames)
+
+
+def _fill(clip):
+    """Median over frames of the foreground's share of its bounding box: circle ~0.79, square ~1,
+    triangle ~0.5 for exact shapes."""
+    dist = np.linalg.norm(clip - np.array(BACKGROUND), axis=-1)
+    fills = []
+    for mask in dist > 0.4:
+        if mask.sum() >= 9:
+            ys, xs = np.nonzero(mask)
+            fills.append(mask.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
+    return float(np.median(fills)) if fills else 1.0
+
+
+def test_learned_triangles_apart_from_circles(pipe):
+    """Shape: triangles come out as triangles (low fill), circles round. (Squares come out with
+    rounded corners, close to circles: the model has not learned that difference; docs/cli.md.)"""
+    colours, directions = list(COLOURS), list(DIRECTIONS)
+    fills = {}
+    for shape in ("triangle", "circle"):
+        prompts = [f"a {colours[i % 4]} {shape} moving {directions[(i + 1) % 4]}" for i in range(8)]
+        frames = pipe(prompts, num_inference_steps=LEARNED_STEPS, generator=seeds(*range(8))).frames
+        fills[shape] = [_fill(clip) for clip in frames]
+    assert sum(f < 0.68 for f in fills["triangle"]) >= 7, fills
+    assert sum(f > 0.68 for f in fills["circle"]) >= 7, fills
+    assert np.mean(fills["circle"]) - np.mean(fills["triangle"]) > 0.1, fills

@@ -24,7 +24,7 @@ from .reference import masked_attention_reference
 from .torch_sparse import torch_block_sparse_attention
 
 
-def run(q, k, v, layout, block_q, block_k, scale, backend, return_lse, rho=None, residual=None):
+def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
     """The eager computation behind the op (also called directly when autograd is needed)."""
     if backend == "triton":
         from . import triton_sparse
@@ -67,7 +67,7 @@ def sparse_attention(
     if kv_num_blocks is not None:
         layout = BlockSparseLayout(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2],
                                    validate=False)
-    out, lse = run(q, k, v, layout, block_q, block_k, scale, backend, return_lse, rho, residual)
+    out, lse = run(q, k, v, layout, scale, backend, return_lse, rho, residual)
     if not return_lse or lse is None:
         lse = q.new_empty(0, dtype=torch.float32)
     return out, lse
