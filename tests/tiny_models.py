@@ -317,50 +317,18 @@ _WORDS = (
 
 
 def tiny_tokenizer():
-    """A T5 tokenizer (SentencePiece-unigram style, via `tokenizers`) from an in-memory vocab.
+    """A T5 tokenizer from an in-memory vocab of common caption words (the embedded model's
+    builder, rettn.tiny.pipeline.build_tokenizer, with this file's word list)."""
+    from rettn.tiny.pipeline import build_tokenizer
 
-    Special tokens take ids 0 (<pad>), 1 (</s>), 2 (<unk>) as in T5. Words not in the vocab fall
-    back to single characters.
-    """
-    from transformers import T5Tokenizer
-
-    pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
-    pieces += ["\u2581" + w for w in _WORDS]
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-    pieces += list(chars) + ["\u2581" + c for c in chars]
-    seen, vocab = set(), []
-    for i, piece in enumerate(pieces):
-        if piece not in seen:
-            seen.add(piece)
-            score = 0.0 if i < 3 else -math.log(i + 1.0) if piece.startswith("\u2581") else -10.0
-            vocab.append((piece, score))
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return build_tokenizer(_WORDS)
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0, umt5: bool = False):
-    """A 2-layer T5 (or UMT5) encoder with d_model = TEXT_DIM."""
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    """A 2-layer T5 (or UMT5) encoder with d_model = TEXT_DIM (rettn.tiny's builder)."""
+    from rettn.tiny.pipeline import build_text_encoder
 
-    cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
-    config = cfg_cls(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    return model.eval()
+    return build_text_encoder(vocab_size, seed, umt5=umt5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,15 +82,15 @@ def all_captions() -> list[str]:
 TEXT_DIM = 32
 
 
-def build_tokenizer():
+def build_tokenizer(words=WORDS):
     """A T5 tokenizer (SentencePiece-unigram model via ``tokenizers``) from an in-memory vocab.
 
-    Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5; every word of :data:`WORDS` is one
-    piece; anything else falls back to single characters.
+    Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5; every one of ``words`` (default
+    :data:`WORDS`) is one piece; anything else falls back to single characters.
     """
     from transformers import T5Tokenizer
 
-    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + ["\u2581" + w for w in WORDS]
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + ["\u2581" + w for w in words]
     chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
     pieces += list(chars) + ["\u2581" + c for c in chars]
     seen, vocab = set(), []
@@ -108,11 +108,13 @@ def build_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_text_encoder(vocab_size: int, seed: int = 0):
-    """A 2-layer T5 encoder, d_model :data:`TEXT_DIM`, seeded random weights, eval mode."""
-    from transformers import T5Config, T5EncoderModel
+def build_text_encoder(vocab_size: int, seed: int = 0, umt5: bool = False):
+    """A 2-layer T5 (or UMT5, as Wan uses) encoder, d_model :data:`TEXT_DIM`, seeded random
+    weights, eval mode, frozen."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
         vocab_size=vocab_size,
         d_model=TEXT_DIM,
         d_kv=8,
@@ -129,7 +131,7 @@ def build_text_encoder(vocab_size: int, seed: int = 0):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = T5EncoderModel(config)
+        model = model_cls(config)
     return model.eval().requires_grad_(False)
 
 
