@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rettn  # noqa: E402
 from rettn import selection  # noqa: E402
+from rettn.profiler import _cpu_name  # noqa: E402
 
 PRESETS = {
     # The CI-sized CPU target of issue 2: sparse torch path >= 4x dense SDPA at keep 1/16.
@@ -174,18 +175,8 @@ def environment(device):
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return env
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def parse_args(argv=None):
