@@ -4,8 +4,9 @@
 Data: procedurally generated clips, 4 frames x 32 x 32 pixels (4 x 16 x 16 = 1,024 video tokens
 at patch 2): one coloured shape (circle, square or triangle; red, green, blue or yellow) moving
 left, right, up or down over a plain dark background along a path centred in the frame (give or
-take JITTER pixels), captioned "a red circle moving right". Every batch is a pure function of
-(--seed, iteration), so a resumed run sees the same data.
+take JITTER pixels), captioned "a red circle moving right"; half extent 8-9 px, 2.5-3 px per frame
+(--size, --speed). Every batch is a pure function of (--seed, iteration), so a resumed run sees
+the same data.
 
 Model: ``TinyVideoPipeline`` (rettn/tiny/pipeline.py): a pixel-space
 ``CogVideoXTransformer3DModel`` with 3D RoPE; the T5 text encoder keeps its seeded random
@@ -13,10 +14,13 @@ weights (frozen). Objective: rectified flow, as ``FlowMatchEulerDiscreteSchedule
 ``x_s = (1 - s) x0 + s noise``, the transformer predicts ``noise - x0`` at timestep ``1000 s``;
 ``s`` is logit-normal pushed towards high noise by the scheduler's shift (3: where the layout,
 i.e. position and direction of motion, is decided), mixed with a little uniform ``s`` (for the
-low-noise end); captions are dropped to "" with probability --cfg-drop (for CFG).
-AdamW, linear warm-up then cosine decay; an EMA of the weights is what gets saved.
+low-noise end); captions are dropped to "" with probability --cfg-drop (for CFG). The squared
+error is weighted 1 + --edge-weight (4) on a 2 px band around the shape's outline, where a circle
+and a square of the same area differ (a few pixels at the corners); with smaller shapes (6.5-7.5
+px) and no edge weight the model drew its squares as circles (docs/cli.md). AdamW, linear warm-up
+then cosine decay; an EMA of the weights is what gets saved.
 
-    python scripts/train_tiny.py                          # ~36 min on 2 CPU cores
+    python scripts/train_tiny.py                          # ~30 min on 2 idle CPU cores
     python scripts/train_tiny.py --resume                 # continue from the last checkpoint
 
 The result is saved with ``save_pretrained`` (safetensors) into --out, which must stay <= 10 MB.
@@ -54,6 +58,9 @@ from rettn.tiny.pipeline import (  # noqa: E402
 
 MAX_FOLDER_BYTES = 10 * 1024 * 1024
 JITTER = 2.0  # pixels: how far a clip's path may sit from the frame's centre
+SIZE = (8.0, 9.0)  # default range of the shapes' half extent, pixels
+SPEED = (2.5, 3.0)  # default range of the speed, pixels per frame
+EDGE_BAND = 2.0  # pixels: width of the outline band that --edge-weight emphasises
 
 
 # ------------------------------------------------------------------------------------ data
@@ -72,15 +79,17 @@ def _triangle_sdf(px, py, a, h):
 
 
 def render_clip(shape: str, colour: str, direction: str, size: float, speed: float, start: tuple[float, float],
-                frames: int = TRAIN_FRAMES, height: int = TRAIN_HEIGHT, width: int = TRAIN_WIDTH) -> torch.Tensor:
+                frames: int = TRAIN_FRAMES, height: int = TRAIN_HEIGHT, width: int = TRAIN_WIDTH,
+                return_sdf: bool = False):
     """One clip (F, 3, H, W) in [0, 1]. ``size``: half extent in pixels; ``speed``: pixels per
-    frame; ``start``: centre (x, y) in frame 0. Edges are anti-aliased (coverage of 0.5 px)."""
+    frame; ``start``: centre (x, y) in frame 0. Edges are anti-aliased (coverage of 0.5 px).
+    With ``return_sdf``, also the shape's signed distance per pixel (F, H, W), < 0 inside."""
     ys = torch.arange(height, dtype=torch.float32)[:, None] + 0.5
     xs = torch.arange(width, dtype=torch.float32)[None, :] + 0.5
     dx, dy = DIRECTIONS[direction]
     bg = torch.tensor(BACKGROUND).view(3, 1, 1)
     fg = torch.tensor(COLOURS[colour]).view(3, 1, 1)
-    out = []
+    out, sdfs = [], []
     for f in range(frames):
         cx, cy = start[0] + dx * speed * f, start[1] + dy * speed * f
         px, py = xs - cx, ys - cy
@@ -96,11 +105,13 @@ def render_clip(shape: str, colour: str, direction: str, size: float, speed: flo
             raise ValueError(shape)
         alpha = (0.5 - sdf).clamp(0, 1)
         out.append(bg * (1 - alpha) + fg * alpha)
-    return torch.stack(out)
+        sdfs.append(sdf)
+    return (torch.stack(out), torch.stack(sdfs)) if return_sdf else torch.stack(out)
 
 
-def sample_clip(gen: torch.Generator):
-    """A random (clip (F, 3, H, W) in [0, 1], caption) from the training distribution."""
+def sample_clip(gen: torch.Generator, size_range=SIZE, speed_range=SPEED):
+    """A random (clip (F, 3, H, W) in [0, 1], caption, signed distance (F, H, W)) from the
+    training distribution."""
 
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=gen).item()
@@ -109,8 +120,8 @@ def sample_clip(gen: torch.Generator):
         return seq[int(torch.randint(len(seq), (), generator=gen))]
 
     colour, shape, direction = choice(list(COLOURS)), choice(SHAPES), choice(list(DIRECTIONS))
-    size = uniform(6.5, 7.5)
-    speed = uniform(3.0, 3.5)
+    size = uniform(*size_range)
+    speed = uniform(*speed_range)
     travel = speed * (TRAIN_FRAMES - 1)
     dx, dy = DIRECTIONS[direction]
     # The path is centred in the frame, give or take JITTER pixels: a tiny model learns the
@@ -119,15 +130,23 @@ def sample_clip(gen: torch.Generator):
     cx = TRAIN_WIDTH / 2 - dx * travel / 2 + uniform(-JITTER, JITTER)
     cy = TRAIN_HEIGHT / 2 - dy * travel / 2 + uniform(-JITTER, JITTER)
     x, y = cx, cy
-    clip = render_clip(shape, colour, direction, size, speed, (x, y))
-    return clip, caption(colour, shape, direction)
+    clip, sdf = render_clip(shape, colour, direction, size, speed, (x, y), return_sdf=True)
+    return clip, caption(colour, shape, direction), sdf
 
 
-def make_batch(seed: int, it: int, batch: int):
-    """The batch of iteration ``it``: clips (B, F, 3, H, W) in [-1, 1] and captions."""
+def make_batch(seed: int, it: int, batch: int, size_range=SIZE, speed_range=SPEED):
+    """The batch of iteration ``it``: clips (B, F, 3, H, W) in [-1, 1], captions, the shapes'
+    signed distances (B, F, H, W) and the generator (for the noise draws that follow)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + it)
-    clips, caps = zip(*(sample_clip(gen) for _ in range(batch)))
-    return torch.stack(clips) * 2 - 1, list(caps), gen
+    clips, caps, sdfs = zip(*(sample_clip(gen, size_range, speed_range) for _ in range(batch)))
+    return torch.stack(clips) * 2 - 1, list(caps), torch.stack(sdfs), gen
+
+
+def edge_weights(sdf: torch.Tensor, weight: float, band: float = EDGE_BAND) -> torch.Tensor:
+    """Per-pixel loss weights (B, F, 1, H, W): 1 everywhere plus ``weight`` on the shape's outline
+    (falling linearly to 0 at ``band`` pixels from it). What tells a circle from a square is a few
+    pixels at the corners; the plain loss is dominated by the background and the noise."""
+    return (1 + weight * (1 - sdf.abs() / band).clamp(min=0)).unsqueeze(2)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -158,6 +177,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="probability of training on the empty caption")
     ap.add_argument("--uniform-frac", type=float, default=0.5, help="share of noise levels drawn uniformly")
+    ap.add_argument("--edge-weight", type=float, default=4.0,
+                    help="extra loss weight on the shapes' outlines (0: plain MSE)")
+    ap.add_argument("--size", type=float, nargs=2, default=list(SIZE), metavar=("LO", "HI"),
+                    help="range of the shapes' half extent in pixels")
+    ap.add_argument("--speed", type=float, nargs=2, default=list(SPEED), metavar=("LO", "HI"),
+                    help="range of the speed in pixels per frame")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)
@@ -215,7 +240,7 @@ def main(argv=None) -> int:
 
     t_last, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     for it in range(start, args.iters):
-        x0, caps, gen = make_batch(args.seed, it, args.batch)
+        x0, caps, sdf, gen = make_batch(args.seed, it, args.batch, args.size, args.speed)
         b = x0.shape[0]
         drop = torch.rand(b, generator=gen) < args.cfg_drop
         text = table[[0 if d else index[c] for c, d in zip(caps, drop.tolist())]]
@@ -229,7 +254,11 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(it, args.iters, args.lr, args.warmup)
         pred = model(hidden_states=xt, encoder_hidden_states=text, timestep=sigma * 1000,
                      image_rotary_emb=rope, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
+        if args.edge_weight:
+            w = edge_weights(sdf, args.edge_weight)
+            loss = (w * (pred - (noise - x0)) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

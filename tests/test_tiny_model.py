@@ -1,5 +1,5 @@
 """rettn's embedded default model (rettn.tiny): loads offline, generates deterministically, and
-has learned its captions (colour, motion direction, and triangles apart from round shapes)."""
+has learned its captions (colour, motion direction and shape)."""
 
 import numpy as np
 import pytest
@@ -148,15 +148,36 @@ def _fill(clip):
     return float(np.median(fills)) if fills else 1.0
 
 
-def test_learned_triangles_apart_from_circles(pipe):
-    """Shape: triangles come out as triangles (low fill), circles round. (Squares come out with
-    rounded corners, close to circles: the model has not learned that difference; docs/cli.md.)"""
+def test_learned_shapes(pipe):
+    """Shape: triangles come out as triangles (low fill), circles round, and squares squarer than
+    circles on average (their corners are soft: measured mean fills at 8 steps on the shipped
+    weights: triangle 0.53, circle 0.76, square 0.80; docs/cli.md)."""
     colours, directions = list(COLOURS), list(DIRECTIONS)
     fills = {}
-    for shape in ("triangle", "circle"):
+    for shape in ("triangle", "circle", "square"):
         prompts = [f"a {colours[i % 4]} {shape} moving {directions[(i + 1) % 4]}" for i in range(8)]
         frames = pipe(prompts, num_inference_steps=LEARNED_STEPS, generator=seeds(*range(8))).frames
         fills[shape] = [_fill(clip) for clip in frames]
     assert sum(f < 0.68 for f in fills["triangle"]) >= 7, fills
     assert sum(f > 0.68 for f in fills["circle"]) >= 7, fills
     assert np.mean(fills["circle"]) - np.mean(fills["triangle"]) > 0.1, fills
+    assert np.mean(fills["square"]) - np.mean(fills["circle"]) > 0.02, fills
+
+
+def test_check_tiny_script(tmp_path):
+    """scripts/check_tiny.py (the numbers in docs/cli.md): its read-out gets every training clip's
+    colour, direction and shape right, and it runs on generated clips and writes its report."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_tiny.py"
+    spec = importlib.util.spec_from_file_location("check_tiny", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    out = tmp_path / "check.json"
+    result = check.main(["--captions", "4", "--seeds", "0", "--steps", str(LEARNED_STEPS), "--json", str(out)])
+    assert result["training_clips"]["all3"] == 1.0, result
+    assert result["accuracy"]["colour+direction"] >= 0.75, result
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["shape"] in ("circle", "square", "triangle") for r in rows), rows
