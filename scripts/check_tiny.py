@@ -4,8 +4,8 @@ seed and reads back from the pixels:
 
 - colour: mean colour of the foreground -> nearest palette colour;
 - direction: motion of the foreground's centroid from the first to the last frame;
-- shape: fill ratio and width / height of the largest blob's bounding box (circle 0.785 and 1,
-  triangle 0.5 and 1, bar 1 and 2.2), medians over the frames -> nearest shape of the vocabulary.
+- shape: fill ratio of the largest blob's bounding box (circle ~0.785, square 1, triangle ~0.5),
+  median over the frames -> nearest shape.
 
 The same read-out runs first on 96 training clips (a check of the read-out itself).
 
@@ -31,13 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from rettn.tiny.pipeline import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, all_captions  # noqa: E402
 
-# (fill ratio, width / height) of each shape's bounding box, as the training clips draw them
-PROTOTYPES = {"circle": (0.785, 1.0), "square": (1.0, 1.0), "triangle": (0.5, 1.0), "bar": (1.0, 2.17)}
-
-
-def nearest_shape(fill: float, aspect: float) -> str:
-    """The shape of the vocabulary whose prototype is nearest (aspect compared on a log scale)."""
-    return min(SHAPES, key=lambda s: abs(PROTOTYPES[s][0] - fill) + abs(np.log(PROTOTYPES[s][1] / aspect)))
+FILL = {"circle": 0.785, "square": 1.0, "triangle": 0.5}  # of each shape's bounding box, exact shapes
 
 
 def largest_component(m: np.ndarray) -> np.ndarray:
@@ -79,7 +73,7 @@ def analyse(clip: np.ndarray, fg_thresh: float = 0.25, min_move: float = 2.0) ->
     cd = [np.linalg.norm(mean_rgb - np.array(COLOURS[n])) for n in names]
     res["colour"] = names[int(np.argmin(cd))]
     res["colour_dist"] = float(min(cd))
-    cents, fills, aspects = [], [], []
+    cents, fills = [], []
     # shape: a stricter mask (half way between background and the palette colour), largest blob
     strong = dist > 0.5 * np.linalg.norm(np.array(COLOURS[res["colour"]]) - bg)
     for f in range(clip.shape[0]):
@@ -92,9 +86,7 @@ def analyse(clip: np.ndarray, fg_thresh: float = 0.25, min_move: float = 2.0) ->
         blob = largest_component(strong[f])
         if blob.sum() >= 9:
             ys, xs = np.nonzero(blob)
-            w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-            fills.append(blob.sum() / (w * h))
-            aspects.append(w / h)
+            fills.append(blob.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
     if cents[0] is None or cents[-1] is None:
         res["direction"] = None
     else:
@@ -106,9 +98,9 @@ def analyse(clip: np.ndarray, fg_thresh: float = 0.25, min_move: float = 2.0) ->
             dn = list(DIRECTIONS)
             res["direction"] = dn[int(np.argmax([d @ np.array(DIRECTIONS[k]) for k in dn]))]
     if fills:
-        fill, aspect = float(np.median(fills)), float(np.median(aspects))
-        res["fill"], res["aspect"] = round(fill, 3), round(aspect, 3)
-        res["shape"] = nearest_shape(fill, aspect)
+        fill = float(np.median(fills))
+        res["fill"] = round(fill, 3)
+        res["shape"] = min(FILL, key=lambda s: abs(FILL[s] - fill))
     else:
         res["shape"] = None
     return res
@@ -186,10 +178,9 @@ def main(argv=None) -> dict:
                 gt_rows.append({**analyse(clip), "true_colour": c, "true_shape": s, "true_direction": d})
         result["training_clips"] = score(gt_rows)
         print("metrics on 96 ground-truth training clips:", json.dumps(result["training_clips"]))
-        for key in ("fill", "aspect"):
-            vals = {s: [r[key] for r in gt_rows if r["true_shape"] == s] for s in SHAPES}
-            print(f"  training clips' {key} by shape (mean, sd):",
-                  {s: (round(float(np.mean(v)), 3), round(float(np.std(v)), 3)) for s, v in vals.items()})
+        fills = {s: [r["fill"] for r in gt_rows if r["true_shape"] == s] for s in SHAPES}
+        print("  training clips' fill by shape (mean, sd):",
+              {s: (round(float(np.mean(v)), 3), round(float(np.std(v)), 3)) for s, v in fills.items()})
 
     pipe = load_pipe(args)
     if args.shift is not None:
@@ -227,9 +218,9 @@ def main(argv=None) -> dict:
     print("colour confusion:", json.dumps(confusion(rows, "colour", list(COLOURS))))
     print("shape confusion:", json.dumps(confusion(rows, "shape", list(SHAPES))))
     print("mean fg fraction:", round(float(np.mean([r["fg_frac"] for r in rows])), 3),
-          " fill, aspect by true shape:",
-          {s: tuple(round(float(np.mean([r.get(k, 0) for r in rows if r["true_shape"] == s])), 3)
-                    for k in ("fill", "aspect")) for s in SHAPES if any(r["true_shape"] == s for r in rows)})
+          " fill by true shape:",
+          {s: round(float(np.mean([r["fill"] for r in rows if r["true_shape"] == s and "fill" in r])), 3)
+           for s in SHAPES if any(r["true_shape"] == s and "fill" in r for r in rows)})
     fill = {s: [r["fill"] for r in rows if r["true_shape"] == s and "fill" in r] for s in SHAPES}
     if fill.get("square") and fill.get("circle"):
         # how well fill alone tells the model's squares from its circles, whatever their corners

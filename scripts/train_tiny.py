@@ -78,11 +78,10 @@ def _triangle_sdf(px, py, a, h):
 
 
 def render_clip(shape: str, colour: str, direction: str, size: float, speed: float, start: tuple[float, float],
-                frames: int = TRAIN_FRAMES, height: int = TRAIN_HEIGHT, width: int = TRAIN_WIDTH,
-                return_sdf: bool = False):
-    """One clip (F, 3, H, W) in [0, 1]. ``size``: half extent in pixels; ``speed``: pixels per
-    frame; ``start``: centre (x, y) in frame 0. Edges are anti-aliased (coverage of 0.5 px).
-    With ``return_sdf``, also the shape's signed distance per pixel (F, H, W), < 0 inside."""
+                frames: int = TRAIN_FRAMES, height: int = TRAIN_HEIGHT, width: int = TRAIN_WIDTH):
+    """One clip (F, 3, H, W) in [0, 1] and the shape's signed distance per pixel (F, H, W), < 0
+    inside. ``size``: half extent in pixels; ``speed``: pixels per frame; ``start``: centre (x, y)
+    in frame 0. Edges are anti-aliased (coverage of 0.5 px)."""
     ys = torch.arange(height, dtype=torch.float32)[:, None] + 0.5
     xs = torch.arange(width, dtype=torch.float32)[None, :] + 0.5
     dx, dy = DIRECTIONS[direction]
@@ -105,7 +104,7 @@ def render_clip(shape: str, colour: str, direction: str, size: float, speed: flo
         alpha = (0.5 - sdf).clamp(0, 1)
         out.append(bg * (1 - alpha) + fg * alpha)
         sdfs.append(sdf)
-    return (torch.stack(out), torch.stack(sdfs)) if return_sdf else torch.stack(out)
+    return torch.stack(out), torch.stack(sdfs)
 
 
 def sample_clip(gen: torch.Generator, size_range=SIZE, speed_range=SPEED):
@@ -129,7 +128,7 @@ def sample_clip(gen: torch.Generator, size_range=SIZE, speed_range=SPEED):
     cx = TRAIN_WIDTH / 2 - dx * travel / 2 + uniform(-JITTER, JITTER)
     cy = TRAIN_HEIGHT / 2 - dy * travel / 2 + uniform(-JITTER, JITTER)
     x, y = cx, cy
-    clip, sdf = render_clip(shape, colour, direction, size, speed, (x, y), return_sdf=True)
+    clip, sdf = render_clip(shape, colour, direction, size, speed, (x, y))
     return clip, caption(colour, shape, direction), sdf
 
 
