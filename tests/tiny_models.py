@@ -400,6 +400,19 @@ def _in_flux2(m, c, B, r, grid, L, t):
     return out
 
 
+_FLUX2 = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM,
+    timestep_guidance_channels=32,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+
+
 def _in_flux3(m, c, B, r, grid, L, t):
     _, h, w = grid
     return dict(  # no pipeline in diffusers 0.42.1; ids are (S, 4), not batched as in Flux 2
@@ -533,11 +546,16 @@ def _in_ltx2(m, c, B, r, grid, L, t):
 # ---- SD3 / AuraFlow / CogView (joint; (B, C, H, W) latents) ----
 
 
-def _in_sd3(m, c, B, r, grid, L, t):
+def _b_c_h_w(c, B, r, grid):
+    """(B, C, H, W) latents for a (1, h, w) token grid and the config's patch size."""
     _, h, w = grid
     p = c.patch_size
+    return r(B, c.in_channels, h * p, w * p)
+
+
+def _in_sd3(m, c, B, r, grid, L, t):
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         encoder_hidden_states=r(B, L, c.joint_attention_dim),
         pooled_projections=r(B, c.pooled_projection_dim),
         timestep=_ts(B, t),
@@ -545,10 +563,8 @@ def _in_sd3(m, c, B, r, grid, L, t):
 
 
 def _in_auraflow(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         encoder_hidden_states=r(B, L, c.joint_attention_dim),
         timestep=_ts(B, t / 1000.0),
     )
@@ -614,7 +630,7 @@ def _in_cosmos(m, c, B, r, grid, L, t):
     f, h, w = grid
     return dict(
         hidden_states=_b_c_f_h_w(c, B, r, grid, chans=c.in_channels),
-        timestep=_ts(B, t / 1000.0),  # Cosmos 2 pipelines pass the sigma-based t in 0..1
+        timestep=_ts(B, t / 1000.0),  # Cosmos 2 text-to-image passes sigma / (sigma + 1), in 0..1
         encoder_hidden_states=r(B, L, c.text_embed_dim),
         fps=24,
     )
@@ -644,15 +660,6 @@ def _in_latte(m, c, B, r, grid, L, t):
         encoder_hidden_states=r(B, L, c.caption_channels),
         timestep=_ts(B, t).long(),
         enable_temporal_attentions=True,
-    )
-
-
-def _in_sana_video(m, c, B, r, grid, L, t):
-    return dict(
-        hidden_states=_b_c_f_h_w(c, B, r, grid),
-        encoder_hidden_states=r(B, L, c.caption_channels),
-        timestep=_ts(B, t),
-        encoder_attention_mask=_mask(B, L),
     )
 
 
@@ -723,10 +730,8 @@ def _in_zimage(m, c, B, r, grid, L, t):
 
 
 def _in_lumina2(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         timestep=_ts(B, 1.0 - t / 1000.0),  # Lumina2Pipeline: 1 - t / 1000
         encoder_hidden_states=r(B, L, c.cap_feat_dim),
         encoder_attention_mask=_mask(B, L).bool(),
@@ -763,11 +768,10 @@ def _in_hidream(m, c, B, r, grid, L, t):
     )
 
 
-def _in_sana(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
+def _in_sana(m, c, B, r, grid, L, t):  # Sana (B, C, H, W) and Sana-Video (B, C, F, H, W)
+    video = isinstance(c.patch_size, (tuple, list))
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_f_h_w(c, B, r, grid) if video else _b_c_h_w(c, B, r, grid),
         encoder_hidden_states=r(B, L, c.caption_channels),
         timestep=_ts(B, t),
         encoder_attention_mask=_mask(B, L),
@@ -775,10 +779,8 @@ def _in_sana(m, c, B, r, grid, L, t):
 
 
 def _in_pixart_like(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         timestep=_ts(B, t).long(),
         class_labels=torch.zeros(B, dtype=torch.long),
     )
@@ -800,10 +802,8 @@ def _in_omnigen(m, c, B, r, grid, L, t):
 
 
 def _in_prx(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         timestep=_ts(B, t / 1000.0),
         encoder_hidden_states=r(B, L, c.context_in_dim),
         attention_mask=_mask(B, L).bool(),
@@ -811,10 +811,8 @@ def _in_prx(m, c, B, r, grid, L, t):
 
 
 def _in_ernie(m, c, B, r, grid, L, t):
-    _, h, w = grid
-    p = c.patch_size
     return dict(
-        hidden_states=r(B, c.in_channels, h * p, w * p),
+        hidden_states=_b_c_h_w(c, B, r, grid),
         timestep=_ts(B, t),
         text_bth=r(B, L, c.text_in_dim),
         text_lens=torch.tensor([L] + [L - 3] * (B - 1)),
@@ -893,7 +891,7 @@ _ROW_LIST: list[TinyRow] = [
             r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2"),
     TinyRow("skyreels-v2-df", "SkyReelsV2Transformer3DModel", dict(_WAN, num_frame_per_block=1), _in_skyreels_df,
             "cross", _VG, TEXT_LEN, r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", timestep="per-frame 0..1000",
-            note="diffusion forcing: timestep (B, F), block-causal mask over frames in attn1"),
+            note="diffusion forcing: timestep (B, F); num_frame_per_block > 1 adds a block-causal frame mask"),
     TinyRow("helios", "HeliosTransformer3DModel",
             dict({k: v for k, v in _WAN.items() if k != "rope_max_seq_len"}, rope_dim=(8, 8, 8), guidance_cross_attn=True, has_multi_term_memory_patch=True,
                  zero_history_timestep=True, is_amplify_history=False),
@@ -918,15 +916,11 @@ _ROW_LIST: list[TinyRow] = [
     TinyRow("ovis-image", "OvisImageTransformer2DModel", dict(_FLUX_LIKE, out_channels=16), _in_ovis,
             "joint-text-first", _IG, TEXT_LEN, r"(single_)?transformer_blocks\.\d+\.attn", timestep="0..1"),
     TinyRow("flux2", "Flux2Transformer2DModel",
-            dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32,
-                 axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
+            dict(_FLUX2, guidance_embeds=True),
             _in_flux2, "joint-text-first", _IG, TEXT_LEN, r"(single_)?transformer_blocks\.\d+\.attn",
             timestep="0..1"),
     TinyRow("flux2-klein", "Flux2Transformer2DModel",
-            dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32,
-                 axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False),
+            dict(_FLUX2, guidance_embeds=False),
             _in_flux2, "joint-text-first", _IG, TEXT_LEN, r"(single_)?transformer_blocks\.\d+\.attn",
             timestep="0..1"),
     TinyRow("flux3", "Flux3Transformer2DModel",
@@ -1069,7 +1063,7 @@ _ROW_LIST: list[TinyRow] = [
                  num_cross_attention_heads=2, cross_attention_head_dim=24, cross_attention_dim=48,
                  caption_channels=TEXT_DIM, mlp_ratio=2.5, sample_size=16, patch_size=(1, 2, 2),
                  rope_max_seq_len=64),
-            _in_sana_video, "linear", _VG, TEXT_LEN, r"transformer_blocks\.\d+\.attn1",
+            _in_sana, "linear", _VG, TEXT_LEN, r"transformer_blocks\.\d+\.attn1",
             r"transformer_blocks\.\d+\.attn2", softmax=False, note="attn1 is linear attention (ReLU kernels)"),
     TinyRow("kandinsky5", "Kandinsky5Transformer3DModel",
             dict(in_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=32, out_visual_dim=4,
