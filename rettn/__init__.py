@@ -3,7 +3,7 @@
 from . import selection
 from .attention import BACKENDS, attention_with_lse, block_sparse_attention
 from .config import RettnConfig
-from .integration import RettnHandle, apply_rettention
+from .integration import RettnHandle, apply_rettention, describe
 from .layout import BlockSparseLayout
 
 __version__ = "0.1.0"
@@ -16,5 +16,6 @@ __all__ = [
     "apply_rettention",
     "attention_with_lse",
     "block_sparse_attention",
+    "describe",
     "selection",
 ]

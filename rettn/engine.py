@@ -89,8 +89,10 @@ class StepRecord:
     step: int
     kind: str
     forwards: int = 0  # transformer calls in this step (CFG branches called separately count)
-    dense_calls: int = 0  # attention calls of sparse-eligible layers that ran dense
+    dense_calls: int = 0  # attention calls of sparse-eligible layers that ran dense in a non-dense step
     densities: list = field(default_factory=list)  # one 0-d tensor per call that ran sparse
+    dense_reasons: dict = field(default_factory=dict)  # why calls ran dense: reason -> count
+    models: list = field(default_factory=list)  # the transformers that ran this step (their labels)
 
     @property
     def sparse_calls(self) -> int:
@@ -149,25 +151,33 @@ class Stats:
 
 
 class StepTracker:
-    """Knows the denoising step and CFG branch from the transformer's own calls.
+    """Guesses the denoising step and CFG branch from the timesteps of the transformer's calls
+    (for bare transformers; with a pipeline the integration reads the pipeline's own signals).
 
     A call whose timestep is higher than the previous one (or the first call) starts a new
     generation; an equal timestep is another call of the same step (Wan calls cond, then uncond);
-    a lower one is the next step.
+    a lower one is the next step. ``rising=True`` is for models whose timestep grows as denoising
+    goes on (Z-Image passes ``(1000 - t) / 1000``): the comparisons flip.
     """
 
-    def __init__(self):
+    def __init__(self, rising: bool = False):
+        self.rising = rising
         self.reset()
 
     def reset(self):
         self.prev_t: float | None = None
+        self.first_t: float | None = None
         self.step = -1
         self.branch = 0
         self.generations = 0
 
     def on_forward(self, t: float) -> bool:
         """Advance on a transformer call with timestep ``t``; True when a new generation starts."""
+        if self.rising:
+            t = -t
         new_gen = self.prev_t is None or t > self.prev_t
+        if new_gen:
+            self.first_t = t
         if new_gen:
             self.generations += 1
             self.step, self.branch = 0, 0
@@ -179,26 +189,61 @@ class StepTracker:
         self.prev_t = t
         return new_gen
 
+    def progress(self, end: float = 0.0) -> float | None:
+        """How far the last call is along the denoising trajectory, from its timestep: 0 at the
+        generation's first call, 1 at the timestep ``end`` (where denoising ends: 0 for
+        decreasing timesteps; Z-Image's rising ones end at 1). None before any call."""
+        if self.prev_t is None:
+            return None
+        end = -end if self.rising else end
+        span = self.first_t - end
+        return 0.0 if span <= 0 else min(1.0, max(0.0, (self.first_t - self.prev_t) / span))
+
     def __repr__(self):
         return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
 
 
 class LayerSlot:
-    """One sparse-eligible layer's state: its cache entries by (CFG branch, batch row).
+    """One attention module's state: its cache entries by (CFG branch, batch row), and what its
+    calls did.
 
     The integration gives each wrapped processor its slot, so an attention call reaches its
     statistics through an object rather than by its layer number: under torch.compile a layer
     number read in the traced code is a constant guarded on, and every block compiled separately
     (diffusers' regional compilation) would recompile once per layer.
+
+    ``id`` numbers the slots of a handle (the keys of :attr:`Engine.cache`); ``layer`` is the
+    index among its model's self-attention layers (what ``skip_layers`` refers to); ``model``
+    which patched transformer it belongs to (0, or 1 for a pipeline's ``transformer_2``).
     """
 
-    def __init__(self, layer: int, skip: bool):
+    def __init__(self, layer: int, skip: bool, id: int | None = None, model: int = 0, name: str = ""):
         self.layer, self.skip = layer, skip
+        self.id = layer if id is None else id
+        self.model, self.name = model, name
         self.entries: dict[tuple, CacheEntry] = {}
-        self.pending: list = []  # this forward's calls: 0-d density tensors, None for dense ones
+        # this forward's calls: (0-d density tensor, finite flag) for calls that ran sparse, a
+        # reason string for calls that ran dense
+        self.pending: list = []
+        self.calls = 0  # every call of this module, folded from pending by Engine.flush
+        self.sparse = 0
+        self.dense: dict[str, int] = {}  # reason -> count
 
     def __repr__(self):
-        return f"LayerSlot(layer={self.layer}, skip={self.skip}, entries={list(self.entries)})"
+        return (f"LayerSlot(id={self.id}, layer={self.layer}, model={self.model}, skip={self.skip}, "
+                f"entries={list(self.entries)})")
+
+
+# Why an attention call ran dense (the reasons handle.stats() and handle.describe() show).
+DENSE_STEP = "dense step (schedule)"
+SKIPPED = "skip_layers"
+SHORT = "sequence shorter than min_seq_len"
+CROSS = "cross-attention"
+MASK = "attention mask rettn cannot express as blocks"
+DROPOUT_CAUSAL = "dropout or causal attention"
+NOT_SELF = "queries and keys differ in length (not self-attention)"
+UNSUPPORTED_ARGS = "arguments rettn does not handle (e.g. GQA)"
+NOT_REACHED = "not reached: the processor computed attention without torch's SDPA"
 
 
 @dataclass
@@ -212,18 +257,27 @@ class CallInfo:
     text_first: int = 0  # tokens before the video range (frame_window's video_start)
     row: int | None = None  # batch row when a key-padding mask split the batch
     slot: LayerSlot | None = None  # the layer's state (the integration passes it)
+    key_spans: list = field(default_factory=list)  # key ranges kept dense when queries are a part of the keys
+    call: int = 0  # which attention call of the processor call this is (Mochi: one per sample)
 
 
 class Engine:
     """Holds one patched model's Re-ttention state; the integration calls :meth:`attend`."""
 
-    def __init__(self, config: RettnConfig, n_layers: int, family: str):
+    def __init__(self, config: RettnConfig, n_layers: int, family: str, rising_timesteps: bool = False,
+                 timestep_end: float = 0.0):
         self.config = config
         self.n_layers = n_layers
         self.family = family
-        self.tracker = StepTracker()
+        self.tracker = StepTracker(rising=rising_timesteps)
+        self.timestep_end = timestep_end
         self.num_steps: int | None = config.num_inference_steps
         self.schedule: Schedule | None = None
+        self._progress_state: dict = {}  # the timestep-progress schedule's memory (num_steps unknown)
+        self.step = -1  # this generation's step and CFG branch (set by begin_forward)
+        self.branch = 0
+        self.model = None  # which patched transformer the current forward belongs to
+        self.generations = 0
         self.slots: dict[int, LayerSlot] = {}
         self.static_layouts: dict[tuple, BlockSparseLayout] = {}
         self.records: list[StepRecord] = []
@@ -247,37 +301,101 @@ class Engine:
         self.records = []
         self.kind = "dense"
         self.peak_bytes = 0
+        self.step, self.branch, self.model, self.generations = -1, 0, None, 0
+        for slot in self.slots.values():
+            slot.pending.clear()
+            slot.calls, slot.sparse, slot.dense = 0, 0, {}
 
     def start_generation(self, num_steps: int | None):
+        self.generations += 1
         self.clear_cache()
         self.records = []
+        self.model = None
         if num_steps is not None:
             self.num_steps = num_steps
-        self.schedule = self.config.schedule(self.num_steps)
+        self._progress_state = {}
+        # no step count (a bare transformer): the schedule's fractions are read against the
+        # timestep's progress instead (see _kind_from_progress)
+        self.schedule = self.config.schedule(self.num_steps) if self.num_steps is not None else None
 
-    def on_forward(self, timestep: float, num_steps_fn=None):
+    def on_forward(self, timestep: float, num_steps_fn=None, model: int = 0):
+        """A transformer call, its step guessed from the timestep (bare transformers)."""
+        new_gen = self.tracker.on_forward(timestep)
+        self.begin_forward(self.tracker.step, self.tracker.branch, new_gen,
+                           (num_steps_fn() if num_steps_fn else None) if new_gen else None,
+                           progress=self.tracker.progress(self.timestep_end), model=model)
+
+    def begin_forward(self, step: int, branch, new_generation: bool, num_steps: int | None = None,
+                      progress: float | None = None, model: int = 0):
+        """A transformer call at denoising ``step`` for CFG ``branch`` (any hashable: 0, 1 or a
+        pipeline's ``cache_context`` name). ``new_generation`` clears all state first;
+        ``num_steps`` is the generation's step count when known, ``progress`` (0..1 along the
+        denoising trajectory) is used when it is not."""
         self.flush()
-        if self.tracker.on_forward(timestep):
-            self.start_generation(num_steps_fn() if num_steps_fn else None)
-        step = self.tracker.step
-        self.kind = "dense" if self.schedule is None else self.schedule.kind(step)
+        if new_generation:
+            self.start_generation(num_steps)
+        if self.model is not None and model != self.model:
+            # another transformer takes over (Wan 2.2's low-noise expert): the one that ran
+            # before does not come back in this generation, so its statistics are dropped
+            for slot in self.slots.values():
+                if slot.model == self.model:
+                    slot.entries.clear()
+        self.model = model
+        self.step, self.branch = step, branch
         if not self.records or self.records[-1].step != step:
+            self.kind = self._step_kind(step, progress)
             self.records.append(StepRecord(step, self.kind))
-        self.records[-1].forwards += 1
+        else:
+            self.kind = self.records[-1].kind
+        record = self.records[-1]
+        record.forwards += 1
+        if model not in record.models:
+            record.models.append(model)
+
+    def _step_kind(self, step: int, progress: float | None) -> str:
+        if self.schedule is not None:
+            return self.schedule.kind(step)
+        return self._kind_from_progress(step, progress)
+
+    def _kind_from_progress(self, step: int, progress: float | None) -> str:
+        """The schedule when the number of steps is unknown: fractions (warm-up, refresh
+        interval, dense tail) are fractions of the denoising progress read from the timestep;
+        step counts stay step counts."""
+        cfg, st = self.config, self._progress_state
+        p = 0.0 if progress is None else progress
+        warm, final = cfg.warmup, cfg.dense_final
+        if (step < warm) if isinstance(warm, int) else (p < warm - 1e-9):
+            return "dense"
+        if isinstance(final, float) and final > 0 and p >= 1.0 - final - 1e-9:
+            return "dense"
+        last = st.get("last_cache")
+        interval = cfg.refresh_interval
+        due = last is None or (
+            step - last[0] >= interval if isinstance(interval, int) else p - last[1] >= interval - 1e-9)
+        if due:
+            st["last_cache"] = (step, p)
+            return "cache"
+        return "sparse"
 
     def flush(self):
-        """Move the calls of the last forward into its step record. The attention calls only
-        append to their layer's ``pending`` list (no shared counters they would have to read:
-        under torch.compile those would be guarded on and recompile every step or layer)."""
+        """Move the calls of the last forward into its step record and the slots' totals. The
+        attention calls only append to their layer's ``pending`` list (no shared counters they
+        would have to read: under torch.compile those would be guarded on and recompile every
+        step or layer)."""
         self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
         checks = []
         for slot in self.slots.values():
             if slot.pending and self.records:
                 record = self.records[-1]
                 for item in slot.pending:
-                    if item is None:
-                        record.dense_calls += 1
+                    slot.calls += 1
+                    if isinstance(item, str):
+                        slot.dense[item] = slot.dense.get(item, 0) + 1
+                        record.dense_reasons[item] = record.dense_reasons.get(item, 0) + 1
+                        if record.kind != "dense" and item not in (DENSE_STEP, CROSS):
+                            record.dense_calls += 1
                     else:
+                        slot.sparse += 1
                         record.densities.append(item[0])
                         if item[1] is not None:
                             checks.append((slot.layer, item[1]))
@@ -289,7 +407,7 @@ class Engine:
         record = self.records[-1]
         raise FloatingPointError(
             f"rettn: the attention output of layer(s) {layers} at step {record.step} ({record.kind} step, CFG "
-            f"branch {self.tracker.branch}) holds NaN or inf. Usual causes: the model's activations "
+            f"branch {self.branch}) holds NaN or inf. Usual causes: the model's activations "
             "overflowed before attention (fp16: run in bfloat16 or float32; dense attention is NaN there "
             "too), NaN/inf in the inputs (latents, embeddings), or residual_dtype='float16' with "
             "attention outputs beyond 65504 (use 'bfloat16'). check_finite=False turns this check off."
@@ -298,12 +416,21 @@ class Engine:
     def step_kind(self) -> str:
         return self.kind
 
-    def slot(self, layer: int) -> LayerSlot:
-        """The state of sparse-eligible layer ``layer`` (created on first use)."""
-        slot = self.slots.get(layer)
+    def slot(self, layer: int, id: int | None = None, model: int = 0, name: str = "",
+             skip: bool | None = None) -> LayerSlot:
+        """The state of the attention module numbered ``id`` (default: ``layer``), created on
+        first use; ``layer`` is its index among its model's self-attention layers."""
+        id = layer if id is None else id
+        slot = self.slots.get(id)
         if slot is None:
-            slot = self.slots[layer] = LayerSlot(layer, layer in self.config.skip_layers)
+            skip = layer in self.config.skip_layers if skip is None else skip
+            slot = self.slots[id] = LayerSlot(layer, skip, id=id, model=model, name=name)
         return slot
+
+    def note_dense(self, slot: LayerSlot, reason: str):
+        """Record that a call of ``slot``'s module ran dense, and why (decided before the engine:
+        cross-attention, a mask, a call that never reached torch's SDPA...)."""
+        slot.pending.append(reason)
 
     def clear_cache(self):
         for slot in self.slots.values():
@@ -311,25 +438,29 @@ class Engine:
 
     @property
     def cache(self) -> dict:
-        """Every cache entry by (layer, CFG branch, batch row) (a new dict; read-only view)."""
-        return {(slot.layer, *key): entry for slot in self.slots.values() for key, entry in slot.entries.items()}
+        """Every cache entry by (slot id, CFG branch, batch row) (a new dict; read-only view). With one
+        patched transformer a slot's id is its self-attention layer index."""
+        return {(slot.id, *key): entry for slot in self.slots.values() for key, entry in slot.entries.items()}
 
     @property
     def cached_bytes(self) -> int:
-        return sum(e.nbytes for e in self.cache.values())
+        return sum(e.nbytes for slot in self.slots.values() for e in slot.entries.values())
 
     def stats(self) -> Stats:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
-                     self.peak_bytes, self.tracker.generations)
+                     self.peak_bytes, self.generations)
 
     # ----------------------------------------------------------------- selection
     def _layout(self, q, k, info: CallInfo) -> BlockSparseLayout:
         cfg = self.config
         bs = cfg.block_size
         spans = info.dense_spans if cfg.dense_conditioning else []
-        if info.kind == "cross" or cfg.pattern == "topk":
-            return selection.topk(q, k, cfg.keep, block_q=bs, dense_spans=spans if info.kind == "self" else ())
+        if info.kind == "cross" or cfg.pattern == "topk" or q.shape[2] != k.shape[2]:
+            square = info.kind == "self" and q.shape[2] == k.shape[2]
+            key_spans = info.key_spans if cfg.dense_conditioning else []
+            return selection.topk(q, k, cfg.keep, block_q=bs, dense_spans=spans if square else (),
+                                  dense_key_spans=key_spans)
         seq = q.shape[2]
         key = (cfg.pattern, seq, tuple(spans), info.grid, info.text_first, q.device)
         layout = self.static_layouts.get(key)
@@ -358,6 +489,12 @@ class Engine:
             per += b * h * s * d * torch.empty((), dtype=rdt).element_size()
         return per
 
+    def _branches_seen(self) -> int:
+        """CFG branches of this step seen so far (the current one included)."""
+        if isinstance(self.branch, int):
+            return self.branch + 1
+        return max(1, self.records[-1].forwards) if self.records else 1
+
     def _check_budget(self, q, info: CallInfo):
         """Would the statistics for every sparse layer of the CFG branches seen so far fit the
         budget? Checked at every call from step 0 on (dense warm-up included): an error at the
@@ -365,7 +502,7 @@ class Engine:
         budget = self.config.max_cache_bytes
         if budget is None:
             return
-        branches = self.tracker.branch + 1
+        branches = self._branches_seen()
         need = self._entry_bytes(q) * self.n_layers * branches
         if need > budget:
             raise MemoryError(
@@ -383,13 +520,13 @@ class Engine:
         kind = self.kind
         slot = info.slot if info.slot is not None else self.slot(info.layer)
         if slot.skip or q.shape[2] < cfg.min_seq_len:
-            if kind != "dense":
-                slot.pending.append(None)
+            slot.pending.append(SKIPPED if slot.skip else SHORT)
             return None
         self._check_budget(q, info)
         if kind == "dense":
+            slot.pending.append(DENSE_STEP)
             return None
-        key = (self.tracker.branch, info.row)
+        key = (self.branch, info.row) if not info.call else (self.branch, info.row, info.call)
         entry = slot.entries.get(key) if kind == "sparse" else None
         if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
             kind = "cache"  # no statistics for this call (new shape or branch): refresh them
@@ -474,5 +611,5 @@ class Engine:
             dense, _ = attention_with_lse(q, k, v, scale=scale)
             err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
             layer = info.slot.layer if info.slot is not None else info.layer
-            self.error_log.append((self.tracker.step, layer, float(err)))
+            self.error_log.append((self.step, layer, float(err)))
         return out

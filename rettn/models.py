@@ -72,14 +72,13 @@ EMBEDDED_PRESET = "tiny-shapes"
 
 
 def default_preset(pipe) -> str | None:
-    """The preset for a loaded pipeline: ``tiny-shapes`` for the embedded model, else the first
-    preset of the transformer's family (None for models without one)."""
-    from .families import detect_family
+    """The preset for a loaded pipeline: ``tiny-shapes`` for the embedded model, else the preset
+    of the transformer's variant (None for models without one)."""
+    from .families import default_preset as family_preset, detect_family
 
     if type(pipe).__name__ == "TinyVideoPipeline":
         return EMBEDDED_PRESET
-    presets = detect_family(pipe.transformer).presets
-    return presets[0] if presets else None
+    return family_preset(detect_family(pipe.transformer), pipe.transformer, pipe)
 
 
 def quiet_progress_bars():

@@ -866,10 +866,9 @@ def _load_pipeline(args, device, dtype, notes):
         except ModelLoadError as e:
             raise ProfileError(str(e)) from None
         weights, name = "loaded", args.model
-        from .families import detect_family
+        from .models import default_preset
 
-        presets = detect_family(pipe.transformer).presets
-        preset = presets[0] if presets else None
+        preset = default_preset(pipe)
     pipe.set_progress_bar_config(disable=True)
     params = inspect.signature(pipe.__call__).parameters
     kwargs = {"prompt": args.prompt or EMBEDDED_PROMPT}

@@ -100,13 +100,14 @@ def _sorted_layout(indices, block_q, block_k, seq_q, seq_k) -> BlockSparseLayout
 
 
 def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scale=None,
-         dense_spans: Sequence[Span] = ()) -> BlockSparseLayout:
+         dense_spans: Sequence[Span] = (), dense_key_spans: Sequence[Span] = ()) -> BlockSparseLayout:
     """Keep the top ``ceil(keep * nK)`` key blocks per (batch, head, query block).
 
     Blocks are scored by the mean-pooled query block against the mean-pooled key block (times
     ``scale``, default ``D ** -0.5``). In self-attention (``seq_q == seq_k``) the diagonal block
     is always kept. ``dense_spans`` are (start, end) token ranges kept dense (see
-    :func:`add_dense_spans`).
+    :func:`add_dense_spans`); ``dense_key_spans`` are key ranges every query block attends (see
+    :func:`add_dense_key_spans`: for queries over [text, image] keys).
     """
     _check_qk(q, k)
     keep = _check_keep(keep)
@@ -120,6 +121,8 @@ def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scal
         scores[:, :, torch.arange(len(diag), device=q.device), diag] = float("inf")
     n = ceil_blocks(keep, scores.shape[-1])
     layout = _sorted_layout(scores.topk(n, dim=-1).indices, block_q, block_k, seq_q, seq_k)
+    if dense_key_spans:
+        layout = add_dense_key_spans(layout, dense_key_spans)
     return add_dense_spans(layout, dense_spans) if dense_spans else layout
 
 
@@ -261,4 +264,19 @@ def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSp
                              validate=False)
 
 
-__all__ = ["topk", "topk_mass", "window", "frame_window", "add_dense_spans", "diagonal_blocks"]
+def add_dense_key_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSparseLayout:
+    """Every query block attends the key blocks overlapping ``spans`` (key token ranges); for
+    attention whose queries are image tokens and whose keys are [text, image] (Qwen-Image 2.1,
+    PRX, NucleusMoE): the text keys stay dense, the image keys are selected."""
+    if not spans:
+        return layout
+    cols = _span_blocks(spans, layout.seq_k, layout.block_k, layout.device)
+    mask = layout.to_dense()
+    mask[..., cols] = True
+    counts, indices = _dense_to_kv(mask, width=mask.shape[-1])
+    return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
+                             validate=False)
+
+
+__all__ = ["topk", "topk_mass", "window", "frame_window", "add_dense_spans", "add_dense_key_spans",
+           "diagonal_blocks"]

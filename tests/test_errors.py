@@ -106,7 +106,7 @@ def test_known_family_without_self_attention_modules():
     class Attn(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.processor = object()
+            self.processor = lambda attn, x: x
 
         def set_processor(self, p):
             self.processor = p
@@ -133,15 +133,18 @@ def test_forward_without_timestep():
 
 @torch.no_grad()
 def test_bare_transformer_with_a_fractional_schedule():
+    # no step count: the fractions are read against the timestep's progress (no error); with
+    # set_num_inference_steps they are fractions of the steps again
     model = tiny_transformer("pixart")
-    inputs = tiny_inputs("pixart", model)
-    handle = rettn.apply_rettention(model, keep=0.5, warmup=0.3)
+    handle = rettn.apply_rettention(model, keep=0.5, warmup=0.3, refresh_interval=2, block_size=32, min_seq_len=0)
     try:
-        with pytest.raises(ValueError, match=r"needs the number of steps: apply rettn to the pipeline.*"
-                                             r"handle.set_num_inference_steps\(N\)"):
-            model(**inputs)
-        handle.set_num_inference_steps(10)  # the fix the message names
-        assert torch.isfinite(model(**inputs)[0]).all()
+        for t in (1000.0, 800.0, 600.0, 400.0, 200.0):  # progress 0, .2, .4, .6, .8
+            assert torch.isfinite(model(**tiny_inputs("pixart", model, t=t))[0]).all()
+        assert handle.stats().kinds() == ["dense", "dense", "cache", "sparse", "cache"]
+        handle.set_num_inference_steps(10)
+        for t in (1000.0, 900.0, 800.0, 700.0):
+            model(**tiny_inputs("pixart", model, t=t))
+        assert handle.stats().kinds() == ["dense", "dense", "dense", "cache"]
     finally:
         handle.remove()
 
@@ -158,13 +161,14 @@ def test_set_num_inference_steps_rejects_non_positive_integers(n):
 
 @torch.no_grad()
 def test_frame_window_without_a_token_grid():
-    from diffusers import DiTTransformer2DModel  # generic family: rettn cannot read a token grid
+    from diffusers import Transformer2DModel  # no family row: the generic path cannot read a token grid
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
-                                  sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
-    handle = rettn.apply_rettention(model, keep=0.25, pattern="frame_window", block_size=16, warmup=0,
-                                    refresh_interval=2, min_seq_len=0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
+                               sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero").eval()
+    with pytest.warns(UserWarning, match="generic path"):
+        handle = rettn.apply_rettention(model, keep=0.25, pattern="frame_window", block_size=16, warmup=0,
+                                        refresh_interval=2, min_seq_len=0)
     try:
         with pytest.raises(ValueError, match=r"pattern='frame_window' needs the token grid \(frames, height, "
                                              r"width\).*generic call; use pattern='topk' or 'window'"):
