@@ -80,9 +80,7 @@ def _scale(scale, q) -> float:
 def _triton():
     if not triton_installed():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    from .kernels import triton_sparse
-
-    return triton_sparse
+    return choice.triton_module()
 
 
 def _flex_attention():
@@ -143,7 +141,8 @@ def _resolve_backend(backend, q, layout) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     if backend == "triton":
-        _triton()
+        if not triton_installed():
+            _triton()  # the error
         reason = _triton_reason(q, layout)
         if reason:
             raise ValueError(reason)
@@ -251,8 +250,10 @@ def sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=None, backen
     _check_qkv(q, k, v)
     _check_layout(layout, q, k)
     scale = _scale(scale, q)
-    residual = residual.to(q.device, non_blocking=True)
-    rho = rho.to(q.device, non_blocking=True)
+    if residual.device != q.device:
+        residual = residual.to(q.device, non_blocking=True)
+    if rho.device != q.device:
+        rho = rho.to(q.device, non_blocking=True)
     out, _ = _call(q, k, v, layout, scale, _resolve_backend(backend, q, layout), False, rho, residual)
     return out
 

@@ -80,6 +80,14 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def triton_module():
+    """``rettn.kernels.triton_sparse``, imported at first use (it imports triton)."""
+    from . import triton_sparse
+
+    return triton_sparse
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -88,9 +96,7 @@ def triton_reason(q: torch.Tensor, layout) -> str | None:
     """Why auto must not pick the Triton kernel for these inputs, or None."""
     if not triton_installed():
         return "the triton package is not installed"
-    from . import triton_sparse
-
-    reason = triton_sparse.unsupported_reason(q, layout)
+    reason = triton_module().unsupported_reason(q, layout)
     if reason:
         return reason
     if q.device.type == "cuda" and q.dtype == torch.float32:
@@ -286,8 +292,9 @@ class BackendChooser:
         return self.measure is True or (self.measure == "cuda" and device.type == "cuda")
 
     def _bucket(self, layout) -> tuple:
-        sig = (tuple(layout.kv_num_blocks.shape), layout.kv_indices.shape[3], layout.block_q, layout.block_k,
-               layout.seq_q, layout.seq_k, layout.kv_num_blocks.device)
+        # (the layout is on q's device, which the key holds)
+        sig = (layout.kv_num_blocks.shape, layout.kv_indices.shape[3], layout.block_q, layout.block_k,
+               layout.seq_q, layout.seq_k)
         bucket = self._buckets.get(sig)
         if bucket is None:
             bucket = self._buckets[sig] = density_bucket(layout.density())
@@ -295,7 +302,7 @@ class BackendChooser:
 
     def key(self, op, q, k, layout, grad) -> tuple:
         blocks, bucket = (None, None) if layout is None else self._bucket(layout)
-        return (op, q.device, q.dtype, tuple(q.shape), k.shape[2], blocks, bucket, grad)
+        return (op, q.device, q.dtype, q.shape, k.shape[2], blocks, bucket, grad)
 
     def resolve(self, q, k, v, layout, scale, return_lse, rho, residual, run) -> str:
         """The backend string for this call; measures first when the key is new.

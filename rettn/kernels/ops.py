@@ -34,9 +34,7 @@ def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
         backend = choice.resolve(q, k, v, layout, scale, return_lse, rho, residual,
                                  lambda name: run(q, k, v, layout, scale, name, return_lse, rho, residual))
     if backend[:6] == "triton":
-        from . import triton_sparse
-
-        out, lse = triton_sparse.triton_attention(q, k, v, layout, scale, return_lse=return_lse,
+        out, lse = choice.triton_module().triton_attention(q, k, v, layout, scale, return_lse=return_lse,
                                                   tiles=choice.parse(backend)[1], rho=rho, residual=residual)
     else:
         if backend[:5] == "sdpa:":
