@@ -317,6 +317,22 @@ def test_dense_kernels_are_called_by_their_schema_and_return_lse():
     assert dense.unsupported_reason("efficient", _cuda_like(torch.float32)) is None
 
 
+@pytest.mark.parametrize("seq", [77, 1000])
+@pytest.mark.parametrize("name", ["flash", "cudnn", "efficient"])
+def test_cuda_dense_kernels_bind_and_their_lse_is_cut_to_shape(name, seq):
+    # torch's meta kernels give the CUDA ops' real output shapes without a GPU: cuDNN's lse is
+    # (B, H, Sq, 1), the efficient kernel's is padded to a multiple of 32 queries
+    q = torch.empty(2, 3, seq, 64, dtype=torch.bfloat16, device="meta")
+    overload, fixed, lse_at = dense._op(name)
+    raw = overload(q, q, q, **fixed, scale=0.125)[lse_at]
+    assert raw.shape == {"flash": (2, 3, seq), "cudnn": (2, 3, seq, 1),
+                         "efficient": (2, 3, -(-seq // 32) * 32)}[name]
+    out, lse = dense.attention(name, q, q, q, 0.125)
+    assert out.shape == q.shape and lse.shape == (2, 3, seq) and lse.dtype == torch.float32
+    with pytest.raises(NotImplementedError, match="CPU"):  # the arguments bind: only the device is wrong
+        dense.attention(name, *(torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16) for _ in range(3)), 0.125)
+
+
 def test_unknown_backend_strings_are_an_error_in_the_op():
     q, k, v, layout = inputs(seed=13)
     with pytest.raises(ValueError, match="unknown rettn backend string 'fast'"):
