@@ -23,8 +23,6 @@ from .layout import BlockSparseLayout
 
 BACKENDS = ("triton", "torch", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
 
 
