@@ -1,7 +1,7 @@
 """rettn: Re-ttention sparse attention for diffusion transformers."""
 
 from . import selection
-from .attention import BACKENDS, attention_with_lse, block_sparse_attention
+from .attention import BACKENDS, attention_with_lse, backend_choices, block_sparse_attention
 from .config import RettnConfig
 from .integration import RettnHandle, apply_rettention, describe
 from .layout import BlockSparseLayout
@@ -15,6 +15,7 @@ __all__ = [
     "RettnHandle",
     "apply_rettention",
     "attention_with_lse",
+    "backend_choices",
     "block_sparse_attention",
     "describe",
     "selection",

@@ -1,29 +1,38 @@
 """Public attention operations: dense attention with lse, and block-sparse attention.
 
 Backends:
-- ``"triton"``: the block-sparse Triton kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+- ``"triton"``: the block-sparse Triton kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``);
+  not for float32 on CUDA, where its dot products would be FMA with register spills.
 - ``"torch"``: gather-the-selected-blocks path; correct everywhere, fast on CPU at high sparsity.
 - ``"flex"``: ``torch.nn.attention.flex_attention`` with the same layout as a ``BlockMask``.
-``backend=None`` picks Triton for CUDA tensors when it is installed and supports the inputs,
-otherwise the torch path.
+``backend=None`` ("auto"): on CUDA the fastest of the candidates, timed at the first call of each
+shape, dtype and density bucket (:mod:`rettn.kernels.choice`; the table is
+:func:`rettn.backend_choices`); on CPU the torch path unless measurement is enabled there.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 
 import torch
 
-from .kernels import ops
+from .kernels import choice, ops
+from .kernels.choice import backend_choices, triton_installed  # noqa: F401 - public / patched in tests
 from .layout import BlockSparseLayout
 
 BACKENDS = ("triton", "torch", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
 
 
 def _check_qkv(q, k, v) -> None:
+    if type(q) is type(k) is type(v) is torch.Tensor:  # the usual case, checked in one pass
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if (len(qs) == len(ks) == len(vs) == 4 and q.dtype is k.dtype is v.dtype and q.dtype in _FLOAT_SET
+                and qs[0] == ks[0] == vs[0] and qs[1] == ks[1] == vs[1] and ks[2] == vs[2]
+                and qs[3] == ks[3] == vs[3] and qs[2] and ks[2] and q.device == k.device == v.device):
+            return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -66,17 +75,10 @@ def _scale(scale, q) -> float:
     return scale
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton():
     if not triton_installed():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    from .kernels import triton_sparse
-
-    return triton_sparse
+    return choice.triton_module()
 
 
 def _flex_attention():
@@ -92,20 +94,54 @@ def _compiled_flex():
     return torch.compile(_flex_attention(), dynamic=False)
 
 
-def _auto_backend(q, layout) -> str:
-    if q.device.type == "cuda" and triton_installed():
-        if _triton().unsupported_reason(q, layout) is None:
-            return "triton"
+def _auto(q) -> str:
+    """What ``backend=None`` passes on: ``"auto"`` (chosen at run time, inside the op) where the
+    chooser measures or on CUDA; the torch path on CPU otherwise (no per-call lookup)."""
+    if q.device.type == "cuda" or choice.measures_cpu():
+        return "auto"
     return "torch"
+
+
+def _auto_backend(q, layout) -> str:
+    """The backend an auto sparse call of this shape runs: the stored choice once one was made
+    (``"triton:128x64"``, ``"flex"``, ...), else ``"auto"`` (CUDA: chosen at the first call) or
+    ``"torch"``. Measures nothing (reports use it)."""
+    name = _auto(q)
+    if name == "auto":
+        name = choice.default_chooser().lookup("sparse", q, q, layout) or "auto"
+    return name
+
+
+_FP32_TRITON = ("backend='triton' does not run float32 on CUDA: the kernel's float32 dot products are FMA "
+                "with register spills. Pass float16/bfloat16 tensors, or use backend=None (auto: the "
+                "torch path or FlexAttention, timed), 'torch' or 'flex'")
+_triton_reasons: dict = {}
+
+
+def _triton_reason(q, layout) -> str | None:
+    """Why ``backend="triton"`` cannot run these inputs (cached by the facts it depends on)."""
+    blocks = (0, 0) if layout is None else (layout.block_q, layout.block_k)
+    dev = q.device.type
+    key = (dev, q.dtype, q.shape[-1], blocks, dev != "cuda" and choice._interpreting())
+    reason = _triton_reasons.get(key, False)
+    if reason is False:
+        reason = _triton().unsupported_reason(q, layout)
+        if reason is None and q.device.type == "cuda" and q.dtype == torch.float32:
+            reason = _FP32_TRITON
+        if not torch.compiler.is_compiling():  # no side effects in traced code
+            _triton_reasons[key] = reason
+    return reason
 
 
 def _resolve_backend(backend, q, layout) -> str:
     if backend is None or backend == "auto":
-        return _auto_backend(q, layout)
+        return _auto(q)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     if backend == "triton":
-        reason = _triton().unsupported_reason(q, layout)
+        if not triton_installed():
+            _triton()  # the error
+        reason = _triton_reason(q, layout)
         if reason:
             raise ValueError(reason)
     if backend == "flex":
@@ -154,7 +190,7 @@ def _flex_call(fn, q, k, v, block_mask, scale, return_lse):
 def _flex_run(q, k, v, layout, scale, return_lse):
     compiled = q.device.type == "cuda" or not return_lse  # compiled flex on CPU has no lse
     fn = _compiled_flex() if compiled else _flex_attention()
-    block_mask = None if layout is None else layout.to_block_mask()
+    block_mask = None if layout is None else layout.to_block_mask()  # built once per layout
     return _flex_call(fn, q, k, v, block_mask, scale, return_lse)
 
 
@@ -182,11 +218,20 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _plain_eager(q) -> bool:
+    """Eager code on plain tensors, no dispatch mode: the custom op's dispatch (~30 us of host
+    time per call) would add nothing there."""
+    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor
+            and not torch._C._len_torch_dispatch_stack())
+
+
 def _call(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
     """Run the kernels through the ``rettn::sparse_attention`` custom op (one opaque node under
-    torch.compile); directly when autograd needs the torch path's graph."""
-    if _needs_autograd(q, k, v, rho, residual):
-        return ops.run(q, k, v, layout, scale, backend, return_lse, rho, residual)
+    torch.compile, and what fake tensors and dispatch modes see); the op's body directly in plain
+    eager code and when autograd needs the torch path's graph."""
+    if _plain_eager(q) or _needs_autograd(q, k, v, rho, residual):
+        out, lse = ops.run(q, k, v, layout, scale, backend, return_lse, rho, residual)
+        return out, (lse if return_lse else None)
     n, idx, bq, bk = (None, None, 0, 0) if layout is None else (
         layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k)
     out, lse = torch.ops.rettn.sparse_attention(q, k, v, n, idx, bq, bk, scale, backend, return_lse, rho, residual)
@@ -203,33 +248,12 @@ def sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=None, backen
     _check_qkv(q, k, v)
     _check_layout(layout, q, k)
     scale = _scale(scale, q)
-    residual = residual.to(q.device, non_blocking=True)
-    rho = rho.to(q.device, non_blocking=True)
+    if residual.device != q.device:
+        residual = residual.to(q.device, non_blocking=True)
+    if rho.device != q.device:
+        rho = rho.to(q.device, non_blocking=True)
     out, _ = _call(q, k, v, layout, scale, _resolve_backend(backend, q, layout), False, rho, residual)
     return out
-
-
-def _aten_flash_ok(q) -> bool:
-    d = q.shape[-1]
-    if q.device.type == "cpu":
-        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    return (
-        q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and d % 8 == 0
-        and d <= 256
-    )
-
-
-def _aten_flash(q, k, v, scale):
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, scale=scale
-        )
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-        out, lse = res[0], res[1]
-    return out, lse[..., : q.shape[2]].float()
 
 
 def attention_with_lse(q, k, v, scale=None, backend=None):
@@ -238,15 +262,17 @@ def attention_with_lse(q, k, v, scale=None, backend=None):
     q, k, v: (B, H, S, D), possibly strided. Returns ``(out, lse)``: out like q, lse (B, H, Sq)
     float32, the natural log of the softmax denominator of the scaled scores.
 
-    ``backend=None`` uses PyTorch's own flash kernels (CPU, and CUDA fp16/bf16), which return
-    the lse and keep memory bounded; otherwise the Triton kernel over all key blocks on CUDA.
-    ``"torch"`` forces the chunked plain reference, ``"triton"`` the Triton kernel and
-    ``"flex"`` FlexAttention without a mask.
+    ``backend=None``: PyTorch's own fused kernels, which return the lse and keep memory bounded.
+    On CPU its CPU flash kernel; on CUDA the fastest of flash, cuDNN and (float32) the
+    memory-efficient kernel, timed at the first call of each shape (the Triton kernel over all
+    blocks and the chunked reference are the fallbacks). ``"torch"`` forces the chunked plain
+    reference, ``"triton"`` the Triton kernel and ``"flex"`` FlexAttention without a mask.
     """
     _check_qkv(q, k, v)
     scale = _scale(scale, q)
     if backend is None or backend == "auto":
-        if _aten_flash_ok(q):
-            return _aten_flash(q, k, v, scale)
-        backend = "triton" if _auto_backend(q, None) == "triton" else "torch"
+        backend = _auto(q)
+        if backend == "torch" and q.device.type == "cpu" and choice.dense.CPU_AVAILABLE:
+            backend = "sdpa:cpu"
+        return _call(q, k, v, None, scale, backend, True)
     return _call(q, k, v, None, scale, _resolve_backend(backend, q, None), True)

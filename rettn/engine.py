@@ -20,6 +20,7 @@ from . import selection
 from .attention import attention_with_lse, block_sparse_attention, sparse_attention_rescaled
 from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
 from .layout import BlockSparseLayout
+from .residual import ResidualStore
 
 RHO_FLOOR = 1e-6
 
@@ -283,6 +284,7 @@ class Engine:
         self.records: list[StepRecord] = []
         self.kind = "dense"  # this step's kind, set by on_forward (outside any compiled region)
         self.peak_bytes = 0
+        self.residuals = ResidualStore(config.residual_device)  # where R lives between steps
         self.timer: RegionTimer | None = None  # set by the profiler
         # set by the quality harness: (step, layer, relative error vs dense) of sparse-step outputs
         self.error_log: list | None = None
@@ -555,9 +557,7 @@ class Engine:
                     weight = rho_full if cfg.use_rho else torch.ones_like(rho_full)
                     r = out_d.float() - weight.unsqueeze(-1) * out_s.float()
                     rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
-                    residual = r.to(device=cfg.residual_device or q.device, dtype=rdt)
-                if cfg.residual_device == "cpu" and rho is not None:
-                    rho = rho.cpu()
+                    residual = self.residuals.put(r, rdt)
         else:
             out_d = None  # plain sparse: the model's own dense attention runs at cache steps
         return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape))
@@ -591,7 +591,7 @@ class Engine:
             residual = entry.residual
             if residual is None:
                 residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
-            residual = residual.to(q.device, non_blocking=True)
+            residual = self.residuals.fetch(residual, q.device)
         with self.region("attention", q.device):  # rescale + residual fused on Triton
             out = sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)
         slot.pending.append((density, self._finite(out)))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,64 @@ def _dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
     if width is None:
         width = max(int(counts.max()) if counts.numel() else 1, 1)
     return counts, order[..., :width].to(torch.int32).contiguous()
+
+
+def _version(t: torch.Tensor):
+    """The tensor's in-place version counter; None for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class _LayoutMemo:
+    """Values computed from a layout's index tensors (its FlexAttention ``BlockMask``, its
+    density), kept while those two tensors live and are not modified in place.
+
+    Keyed by the tensors' identity, not by the layout object: the ``rettn::sparse_attention``
+    op rebuilds a layout around the same tensors at every call, and this memo still serves it.
+    An entry is checked against the tensors' version counters (an in-place change recomputes);
+    inference tensors have none, so a layout built under ``torch.inference_mode`` and then
+    modified in place inside it would be served stale values (rettn never does that). Entries
+    go when either tensor is freed, and the oldest go past ``size`` entries.
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._dead: list = []  # keys whose tensors were freed (appended by weakref callbacks)
+        self._lock = threading.Lock()
+
+    def get(self, layout: "BlockSparseLayout", what: str, compute):
+        n, idx = layout.kv_num_blocks, layout.kv_indices
+        key = (what, id(n), id(idx), layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
+        stamp = (_version(n), _version(idx))
+        with self._lock:
+            while self._dead:
+                self._items.pop(self._dead.pop(), None)
+            item = self._items.get(key)
+            if item is not None and item[0]() is n and item[1]() is idx and item[2] == stamp:
+                self._items.move_to_end(key)
+                return item[3]
+        value = compute()
+        with self._lock:
+            def gone(_, key=key, dead=self._dead):
+                dead.append(key)
+            self._items[key] = (weakref.ref(n, gone), weakref.ref(idx, gone), stamp, value)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+            self._dead.clear()
+
+    def __len__(self):
+        return len(self._items)
+
+
+_memo = _LayoutMemo()
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +161,17 @@ class BlockSparseLayout:
             raise ValueError("kv_indices must have at least one column")
         if self.validate:
             self.check()
+
+    @classmethod
+    def _trusted(cls, kv_num_blocks, kv_indices, block_q, block_k, seq_q, seq_k) -> "BlockSparseLayout":
+        """A layout from parts already known to be consistent (plain ints, int32 tensors of
+        matching shapes): no checks, about 1 us instead of 8 (per-call views and the op)."""
+        self = object.__new__(cls)
+        for name, value in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
+                            ("block_q", block_q), ("block_k", block_k), ("seq_q", seq_q),
+                            ("seq_k", seq_k), ("validate", False)):
+            object.__setattr__(self, name, value)
+        return self
 
     # ------------------------------------------------------------------ checks and views
     def check(self) -> None:
@@ -186,9 +258,10 @@ class BlockSparseLayout:
         """Fraction of the seq_q x seq_k (query, key) token pairs that are computed.
 
         Counted over real tokens: a partial tail block counts by its real size. Averaged over the
-        layout's batch rows and heads.
+        layout's batch rows and heads. Reading it syncs the device once per layout (the value is
+        kept while the layout's tensors are unchanged).
         """
-        return float(self.density_tensor())
+        return _memo.get(self, "density", lambda: float(self.density_tensor()))
 
     def density_tensor(self) -> torch.Tensor:
         """:meth:`density` as a 0-d float64 tensor on the layout's device (no device sync)."""
@@ -211,18 +284,13 @@ class BlockSparseLayout:
             return self
         n = self.kv_num_blocks.expand(batch, heads, -1)
         idx = self.kv_indices.expand(batch, heads, -1, -1)
-        return BlockSparseLayout(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k, validate=False)
+        return BlockSparseLayout._trusted(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
 
     def to(self, device) -> "BlockSparseLayout":
-        return BlockSparseLayout(
-            self.kv_num_blocks.to(device),
-            self.kv_indices.to(device),
-            self.block_q,
-            self.block_k,
-            self.seq_q,
-            self.seq_k,
-            validate=False,
-        )
+        n, idx = self.kv_num_blocks.to(device), self.kv_indices.to(device)
+        if n is self.kv_num_blocks and idx is self.kv_indices:
+            return self
+        return BlockSparseLayout._trusted(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
 
     def to_block_mask(self):
         """This layout as a ``torch.nn.attention.flex_attention.BlockMask`` (FlexAttention).
@@ -230,7 +298,13 @@ class BlockSparseLayout:
         The mask_mod encodes the layout itself (eager FlexAttention applies only the mask_mod);
         blocks that touch a sequence tail are partial blocks, the rest are full blocks, so the
         compiled kernel evaluates the mask_mod only where it must.
+
+        Built once per layout (the same index tensors, unchanged) and then served from a memo:
+        calls with the same layout do not rebuild it.
         """
+        return _memo.get(self, "block_mask", self._build_block_mask)
+
+    def _build_block_mask(self):
         from torch.nn.attention.flex_attention import BlockMask
 
         dense = self.to_dense()

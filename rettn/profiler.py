@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import RegionTimer, StepTracker
+from .kernels.choice import backend_choices
 
 EXIT_USAGE = 2
 REGIONS = ("attention", "selection", "bookkeeping")
@@ -974,6 +975,7 @@ def profile(args) -> dict:
         "summary": summary,
         "runs": {"dense": [r.to_json() for r in dense_runs], "rettn": [r.to_json() for r in rettn_runs]},
         "kernels": {"skipped": "not measured yet (the run stopped before the kernel table)"},
+        "backend_choices": backend_choices(),  # what backend=None chose for each call shape, and why
         "notes": notes,
     }
     if spec is not None and spec.targets:
@@ -1005,6 +1007,7 @@ def profile(args) -> dict:
         report["chart"] = None if note else str(chart_path)
         if note:
             notes.append(note)
+    report["backend_choices"] = backend_choices()  # the kernel table's calls included
     json_path.write_text(json.dumps(report, indent=2, default=str))
     report["json"] = str(json_path)
     print(format_report(report))

@@ -20,22 +20,31 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockSparseLayout
+from . import choice, dense
 from .reference import masked_attention_reference
 from .torch_sparse import torch_block_sparse_attention
 
 
 def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
-    """The eager computation behind the op (also called directly when autograd is needed)."""
-    if backend == "triton":
-        from . import triton_sparse
-
-        out, lse = triton_sparse.triton_attention(q, k, v, layout, scale, return_lse=return_lse,
-                                                  rho=rho, residual=residual)
+    """The eager computation behind the op (also called directly in eager mode and when autograd
+    is needed). ``backend``: ``"auto"`` (chosen here, at run time: :mod:`.choice`), ``"triton"``
+    or ``"triton:BMxBN"`` (tiles), ``"torch"``, ``"flex"``, or ``"sdpa:<kernel>"`` (a dense kernel
+    of :mod:`.dense`; only for ``layout=None`` or a layout that selects every block)."""
+    if backend == "auto":
+        backend = choice.resolve(q, k, v, layout, scale, return_lse, rho, residual,
+                                 lambda name: run(q, k, v, layout, scale, name, return_lse, rho, residual))
+    if backend[:6] == "triton":
+        out, lse = choice.triton_module().triton_attention(q, k, v, layout, scale, return_lse=return_lse,
+                                                  tiles=choice.parse(backend)[1], rho=rho, residual=residual)
     else:
-        if backend == "flex":
+        if backend[:5] == "sdpa:":
+            out, lse = dense.attention(backend[5:], q, k, v, scale)
+        elif backend == "flex":
             from ..attention import _flex_run
 
             out, lse = _flex_run(q, k, v, layout, scale, return_lse)
+        elif backend != "torch":
+            raise ValueError(f"unknown rettn backend string {backend!r}")
         elif layout is None:
             out, lse = masked_attention_reference(q, k, v, None, scale)
         else:
@@ -65,8 +74,7 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = None
     if kv_num_blocks is not None:
-        layout = BlockSparseLayout(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2],
-                                   validate=False)
+        layout = BlockSparseLayout._trusted(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2])
     out, lse = run(q, k, v, layout, scale, backend, return_lse, rho, residual)
     if not return_lse or lse is None:
         lse = q.new_empty(0, dtype=torch.float32)
