@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import selection
-from .attention import attention_with_lse, block_sparse_attention, sparse_attention_rescaled
+from .attention import attention_with_lse, backend_choices, block_sparse_attention, sparse_attention_rescaled
 from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
 from .layout import BlockSparseLayout
 from .residual import ResidualStore
@@ -119,6 +119,9 @@ class Stats:
     cached_bytes: int
     peak_cached_bytes: int
     generations: int
+    # what backend=None chose for each call shape of the process (rettn.backend_choices()): the
+    # kernel, each candidate's time and why others were skipped; empty until a measured choice
+    backend_choices: list = field(default_factory=list)
 
     def counts(self) -> dict:
         out = {"dense": 0, "cache": 0, "sparse": 0}
@@ -451,7 +454,7 @@ class Engine:
     def stats(self) -> Stats:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
-                     self.peak_bytes, self.generations)
+                     self.peak_bytes, self.generations, backend_choices())
 
     # ----------------------------------------------------------------- selection
     def _layout(self, q, k, info: CallInfo) -> BlockSparseLayout:

@@ -376,3 +376,20 @@ def test_trusted_and_checked_layouts_agree():
     e = BlockSparseLayout.dense(S, S, BLOCK, BLOCK).expand(3, 2)
     assert e.kv_num_blocks.shape == (3, 2, S // BLOCK) and torch.equal(e.to_dense()[2, 1], e.to_dense()[0, 0])
     assert layout.to("cpu") is layout
+
+
+@torch.no_grad()
+def test_a_patched_models_stats_show_the_choices_its_calls_made():
+    from tiny_models import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("pixart", qk_gain=8.0)
+    with choice.use_chooser(chooser({"torch": 0.001}, ["torch", "triton:32x32"])) as ch:
+        handle = rettn.apply_rettention(model, keep=0.25, block_size=32, min_seq_len=0, warmup=0,
+                                        refresh_interval=2)
+        for t in (900.0, 800.0):  # a cache step, then a sparse step
+            model(**tiny_inputs("pixart", model, t=t))
+        stats = handle.stats()
+        handle.remove()
+        ops_seen = {rec["op"] for rec in stats.backend_choices}
+        assert stats.backend_choices == ch.choices() and {"sparse+lse", "rescaled"} <= ops_seen
+        assert all(rec["choice"] == "torch" for rec in stats.backend_choices if rec["op"] != "dense+lse")
