@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -252,8 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--text-len", type=int, default=None,
                    help="text tokens first in the sequence, their rows and columns kept dense (the real layout)")
     p.add_argument("--selection", choices=["topk", "window"], default="topk")
-    p.add_argument("--providers", default=",".join(ALL_PROVIDERS),
-                   help=f"comma-separated subset of {','.join(ALL_PROVIDERS)}")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated subset of {','.join(ALL_PROVIDERS)} (default: all that this machine "
+                        "has: on CPU no cuDNN, and rettn's Triton dense kernel only under TRITON_INTERPRET=1)")
     p.add_argument("--backend", choices=["triton", "torch", "flex"], default=None,
                    help="rettn's backend for the rettn rows (default: auto, as users get it)")
     p.add_argument("--flex-compile-backend", default="inductor",
@@ -275,6 +277,10 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.repeats is None:
         args.repeats = 10 if args.device == "cuda" else 5
+    if args.providers is None:
+        skip = set() if args.device == "cuda" else {"sdpa_cudnn"} | (
+            set() if os.environ.get("TRITON_INTERPRET") == "1" else {"dense_lse_triton"})
+        args.providers = ",".join(x for x in ALL_PROVIDERS if x not in skip)
     providers = [x.strip() for x in args.providers.split(",") if x.strip()]
     bad = [x for x in providers if x not in ALL_PROVIDERS]
     if bad:

@@ -40,12 +40,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # step records and launch 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export PY=${PYTHON:-$(command -v python3 || command -v python)}  # the image's python3 holds torch
-# A bare checkout (the GPU machine's copy, rettn not installed) has no rettn.configs: pyproject
-# maps configs/ to it at install. Link it for this run; the link goes at exit.
 LINKED=0
-if ! "$PY" -c "import rettn.configs" 2> /dev/null; then
-  ln -s ../configs rettn/configs && LINKED=1
-fi
 cleanup() {
   (( LINKED )) && rm -f rettn/configs
   (( REHEARSE )) && rm -rf "$WORK"
@@ -111,12 +106,28 @@ EOF
 # ---- environment (and the install: everything after it imports diffusers)
 { command -v nvidia-smi > /dev/null && nvidia-smi; } >> "$LOG" 2>&1
 if (( REHEARSE )); then
-  step install 30 "$LOG" "$PY" -c "from importlib import metadata as m; print('rehearsal: nothing to install;', \
+  step install 20 "$LOG" "$PY" -c "from importlib import metadata as m; print('rehearsal: nothing to install;', \
     *(f'{p} {m.version(p)}' for p in ('torch', 'triton', 'diffusers')))"
 else
   export PYTHONPATH=$PYTHONPATH:/tmp/site  # appended: the image's own packages win
   export -f install_wheels
-  step install 30 "$LOG" bash -c install_wheels
+  step install 20 "$LOG" bash -c install_wheels
+fi
+# A bare checkout (the GPU machine's copy, rettn not installed) has no rettn.configs: pyproject
+# maps configs/ to it at install. Link it for this run; the link goes at exit.
+configs_found() {  # rettn.configs reachable: in the tree, or through an installed (editable) finder
+  [[ -e rettn/configs ]] || "$PY" -c "
+import sys
+from importlib.machinery import PathFinder
+def found(f):
+    try:
+        return f is not PathFinder and f.find_spec('rettn.configs', None) is not None
+    except Exception:
+        return False
+sys.exit(0 if any(found(f) for f in sys.meta_path) else 1)"
+}
+if ! configs_found; then
+  ln -s ../configs rettn/configs && LINKED=1 && echo "linked rettn/configs -> ../configs for this run" >> "$LOG"
 fi
 "$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START" --env >> "$LOG" 2>&1
 
@@ -126,13 +137,15 @@ if (( REHEARSE )); then
 else
   BENCH=(--preset cogvideox)
 fi
-step bench 90 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
+step bench 100 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
 
-# ---- 2. the GPU test tier (no -x); per-test timeout where pytest-timeout is installed
-TIMEOUT=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 75)
+# ---- 2. the GPU test tier (no -x). Where the image has them: a per-test timeout (pytest-timeout),
+#      and 4 workers (pytest-xdist) so that the ~15 Triton compiles run side by side
+EXTRA=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && EXTRA+=(--timeout 75)
+"$PY" -c "import xdist" 2> /dev/null && EXTRA+=(-n 4)
 step tests 90 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py \
-  -p launch_log -p no:cacheprovider -rfE --durations=12 "${TIMEOUT[@]}"
+  -p launch_log -p no:cacheprovider -rfE --durations=12 "${EXTRA[@]}"
 
 # ---- 3. CogVideoX-2B latency profile: full shape (17,776 tokens, CFG batch 2, bf16), 50 steps
 if (( REHEARSE )); then
@@ -141,7 +154,7 @@ if (( REHEARSE )); then
 else
   PROFILE=()
 fi
-step profile 110 "$LOG" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
+step profile 100 "$LOG" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
   --density-sweep none --kernel-providers sdpa,dense_lse,rettn,rettn_rescaled "${PROFILE[@]}" \
   --json "$OUT/profile-cogvideox-2b.json"
 
@@ -152,7 +165,7 @@ if (( REHEARSE )); then
 else
   COMPILE=(--layers 8 --steps 10)
 fi
-step compile 70 "$LOG" "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
+step compile 80 "$LOG" "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
 
 # ---- the summary: summary.json, and one screen of text (also summary.txt)
 "$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START"

@@ -172,18 +172,18 @@ def key_text(key: dict) -> str:
 def _kernels(work: Path) -> dict:
     per_step, everything = {}, {}
     for name in STEPS:
-        log = _load(work / f"launches-{name}.json")
-        if log is None:
+        # one file per process (pytest-xdist workers write launches-tests-gwN.json)
+        logs = [x for x in (_load(p) for p in sorted(work.glob(f"launches-{name}*.json"))) if x is not None]
+        if not logs:
             per_step[name] = {"count": None, "compiled": None, "keys": [], "unmapped": [], "replay_errors": []}
             continue
-        keys = [key_text(k) for k in log["kernels"]]
+        keys = sorted({key_text(k) for log in logs for k in log["kernels"]})
         for k in keys:
             everything.setdefault(k, []).append(name)
-        compiled = log.get("compiled") or {}
-        counts = [v for v in compiled.values() if v is not None]
+        counts = [v for log in logs for v in (log.get("compiled") or {}).values() if v is not None]
         per_step[name] = {"count": len(keys), "compiled": sum(counts) if counts else None, "keys": keys,
-                          "unmapped": [key_text(k) for k in log.get("unmapped", [])],
-                          "replay_errors": log.get("replay_errors", [])}
+                          "unmapped": sorted({key_text(k) for log in logs for k in log.get("unmapped", [])}),
+                          "replay_errors": sorted({e for log in logs for e in log.get("replay_errors", [])})}
     return {"per_step": per_step, "distinct": len(everything),
             "keys": [{"key": k, "steps": v} for k, v in sorted(everything.items())]}
 

@@ -19,7 +19,8 @@ that module's ``triton_attention`` entry point (nothing of torch, nothing proces
   GPU would make is what is recorded. Interpreter launches outside ``triton_attention`` are
   counted as ``unmapped``.
 
-At exit FILE gets JSON: ``{"device", "kernels": [key, ...], "compiled", "unmapped",
+Under pytest-xdist each worker writes FILE with ``-gwN`` before the extension. At exit FILE
+gets JSON: ``{"device", "kernels": [key, ...], "compiled", "unmapped",
 "replay_errors"}``.
 """
 
@@ -251,6 +252,9 @@ def install(path: str):
 
 def install_from_env():
     path = os.environ.get(ENV)
+    if path and os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: one file per worker
+        root, ext = os.path.splitext(path)
+        path = f"{root}-{os.environ['PYTEST_XDIST_WORKER']}{ext}"
     return install(path) if path else None
 
 
