@@ -5,7 +5,8 @@ Off unless ``RETTN_LAUNCH_LOG=FILE`` is set. The GPU check sets it for each of i
 ``scripts/bench_attention.py``, ``bench_compile.py`` and ``profile_latency.py`` call
 :func:`install_from_env`, and pytest loads this module as a plugin (``-p launch_log``). It wraps,
 in this process only, the ``@triton.jit`` kernels found in ``rettn.kernels.triton_sparse`` and
-that module's ``triton_attention`` entry point (nothing of torch, nothing process-wide):
+that module's public functions (``triton_attention`` and any other entry point; nothing of
+torch, nothing process-wide):
 
 - every launch is keyed by its specialisation: kernel, dtype and head dim (last dim) of the first
   tensor argument, the constexpr arguments (tiles, flags) and ``num_warps`` / ``num_stages``;
@@ -16,7 +17,7 @@ that module's ``triton_attention`` entry point (nothing of torch, nothing proces
 - on CPU (``TRITON_INTERPRET=1``) a launch carries the interpreter's tiles, not the GPU's, so
   each distinct ``triton_attention`` call is replayed once on fake CUDA tensors (no GPU, no
   launch: ``FakeTensorMode``) with the device reported as an H200 (sm_90), and the launch the
-  GPU would make is what is recorded. Interpreter launches outside ``triton_attention`` are
+  GPU would make is what is recorded. Interpreter launches from outside those functions are
   counted as ``unmapped``.
 
 Under pytest-xdist each worker writes FILE with ``-gwN`` before the extension. At exit FILE
@@ -118,8 +119,11 @@ class _Recorder:
     # ---------------------------------------------------------------- replays
     def wrap_entry(self, fn):
         rec = self
+        import torch
 
         def entry(*args, **kwargs):
+            if torch.compiler.is_compiling():  # inside a graph torch.compile traces: pass through
+                return fn(*args, **kwargs)
             rec.in_entry += 1
             try:
                 out = fn(*args, **kwargs)
@@ -243,8 +247,8 @@ def install(path: str):
     for name, obj in list(vars(triton_sparse).items()):
         if _is_kernel(obj):
             setattr(triton_sparse, name, rec.wrap_kernel(name, obj))
-    if callable(getattr(triton_sparse, "triton_attention", None)):
-        triton_sparse.triton_attention = rec.wrap_entry(triton_sparse.triton_attention)
+        elif inspect.isfunction(obj) and not name.startswith("_") and obj.__module__ == triton_sparse.__name__:
+            setattr(triton_sparse, name, rec.wrap_entry(obj))  # triton_attention and any other entry point
     atexit.register(rec.write)
     _recorder = rec
     return rec
