@@ -371,21 +371,54 @@ def check_targets(targets: dict, summary: dict) -> dict:
 
 
 # ============================================================================== kernel level
-def _measure(fns: dict, device, repeats: int, warmup: int) -> dict:
-    """Median seconds per function, calls interleaved round-robin."""
+def _quantile(xs: list, p: float) -> float:
+    xs = sorted(xs)
+    pos = p * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_calls(fns: dict, device, windows: int, warmup: int = 2, target_s: float = 0.02,
+               max_calls: int = 200) -> dict:
+    """Seconds per call of each function, timed as users run them: back-to-back calls with one
+    pair of CUDA events (``time.perf_counter`` on CPU) around a window of ``calls`` calls, so the
+    host work between calls overlaps the device work as in a real run. ``calls`` is chosen per
+    function from one timed call after the warm-up, so that a window lasts about ``target_s``
+    (``target_s <= 0``: one call per window);
+    windows are interleaved round-robin across the functions so that noise hits all alike.
+
+    Returns ``{name: {"median_s", "p20_s", "p80_s", "min_s", "calls", "windows"}}`` (per call).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            a = _mark(device)
+
+    def window(fn, n):
+        _sync(device)
+        a = _mark(device)
+        for _ in range(n):
             fn()
-            b = _mark(device)
-            _sync(device)
-            times[name].append(_elapsed(a, b))
-    return {name: statistics.median(t) for name, t in times.items()}
+        b = _mark(device)
+        _sync(device)
+        return _elapsed(a, b) / n
+
+    if target_s > 0:
+        calls = {name: max(1, min(max_calls, math.ceil(target_s / max(window(fn, 1), 1e-7))))
+                 for name, fn in fns.items()}
+    else:  # one call per window, no sizing call (rehearsals on slow interpreters)
+        calls = dict.fromkeys(fns, 1)
+    times = {name: [] for name in fns}
+    for _ in range(max(1, windows)):
+        for name, fn in fns.items():
+            times[name].append(window(fn, calls[name]))
+    return {name: {"median_s": statistics.median(t), "p20_s": _quantile(t, 0.2), "p80_s": _quantile(t, 0.8),
+                   "min_s": min(t), "calls": calls[name], "windows": len(t)} for name, t in times.items()}
+
+
+def _measure(fns: dict, device, repeats: int, warmup: int) -> dict:
+    """Median seconds per call of each function (:func:`time_calls` with ``repeats`` windows)."""
+    return {name: r["median_s"] for name, r in time_calls(fns, device, repeats, warmup).items()}
 
 
 def _select(q, k, config, keep, info):
@@ -564,7 +597,7 @@ def format_report(report: dict) -> str:
     if k and k.get("rows"):
         sh = k["shape"]
         lines += ["", f"kernel level: B={sh['batch']} H={sh['heads']} S={sh['seq']} D={sh['head_dim']} {k['dtype']}, "
-                  f"{k['pattern']} block {k['block_size']}, medians of {k['repeats']} (ms)",
+                  f"{k['pattern']} block {k['block_size']}, ms per call: medians of {k['repeats']} windows of back-to-back calls",
                   "keep    | density | sdpa    | dense+lse | flex    | rettn   | rettn+rescale | selection | rettn vs sdpa | vs flex"]
         for r in k["rows"]:
             ms = r["ms"]
@@ -671,6 +704,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--height", type=_positive_int, help="pixels (default: the model's)")
     src.add_argument("--width", type=_positive_int, help="pixels (default: the model's)")
     src.add_argument("--text-len", type=_positive_int, help="with --random-weights: text tokens")
+    src.add_argument("--heads", type=_positive_int, help="with --random-weights: attention heads instead of the "
+                     "model's (same head dim; a narrower model for quick CPU runs)")
     src.add_argument("--batch", type=_positive_int, help="with --random-weights: batch per transformer call")
     src.add_argument("--prompt", default=None, help="pipelines: the prompt")
     sp = p.add_argument_group("sparsity and schedule (override the preset)")
@@ -744,7 +779,7 @@ def _check_args(args):
     if args.random_weights and args.model is not None:
         raise ProfileError("--model loads weights; --random-weights builds them: use one")
     if not args.random_weights:
-        for flag in ("layers", "text_len", "batch"):
+        for flag in ("layers", "text_len", "batch", "heads"):
             if getattr(args, flag) is not None:
                 raise ProfileError(f"--{flag.replace('_', '-')} applies to --random-weights only")
     elif args.prompt is not None:
@@ -773,11 +808,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
+def with_heads(spec, heads: int | None):
+    """``spec`` with ``heads`` attention heads (same head dim: a narrower model, e.g. for the GPU
+    check's CPU rehearsal); ``spec`` itself when ``heads`` is None."""
+    import dataclasses
+
+    if heads is None:
+        return spec
+    if "num_attention_heads" not in spec.config:
+        raise ProfileError(f"--heads: {spec.name}'s config has no num_attention_heads")
+    return dataclasses.replace(spec, config={**spec.config, "num_attention_heads": heads})
+
+
 def _setup_arch(args, device, dtype, notes):
     from . import dummy_inputs
     from .archs import build_transformer, load_arch, model_config
 
-    spec = load_arch(args.arch)
+    full_heads = load_arch(args.arch).config.get("num_attention_heads")
+    spec = with_heads(load_arch(args.arch), args.heads)
     grid = spec.token_grid(args.frames, args.height, args.width)
     text_len = args.text_len or spec.shape.text_len
     batch = args.batch or spec.shape.batch
@@ -797,7 +845,7 @@ def _setup_arch(args, device, dtype, notes):
     desc = (f"{spec.model_id} transformer ({spec.class_name}, random weights, {layers} of {full} blocks), "
             f"{size} -> {f}x{h}x{w} tokens, text {text_len}, attention seq {seq}, batch {batch} x "
             f"{spec.shape.calls_per_step} call(s) per step")
-    full_size = (all(config[k_] == spec.config[k_] for k_ in spec.layer_keys)
+    full_size = (all(config[k_] == spec.config[k_] for k_ in spec.layer_keys) and args.heads in (None, full_heads)
                  and (frames, height, width) == (spec.shape.frames, spec.shape.height, spec.shape.width)
                  and text_len == spec.shape.text_len and batch == spec.shape.batch)
     target = {"kind": "random-weights", "name": spec.name, "model_id": spec.model_id, "class": spec.class_name,

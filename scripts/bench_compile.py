@@ -6,7 +6,12 @@ dense eager, dense compiled, rettn eager, rettn compiled.
 Compiled = regional compilation (each transformer block compiled with fullgraph=True, as
 diffusers' ``compile_repeated_blocks`` does); the attention kernels stay rettn's custom ops.
 Every variant runs once untimed first (compilation, autotuning, caches), then --repeats timed
-generations; the report gives mean seconds per generation and the ratios.
+generations; the report gives the median seconds per generation and the ratios.
+
+Fewer steps than the model's own (e.g. --steps 10 of CogVideoX-2B's 50) keep the preset's
+schedule in shape: the warm-up stays a fraction of the steps, the refresh interval keeps its
+length in steps at the model's step count (5 of 50), so 10 steps are 3 dense, 2 cache and 5
+sparse steps. A schedule without a sparse step is an error (nothing of rettn's would be timed).
 
     python scripts/bench_compile.py --arch cogvideox-2b --json compile.json        # a GPU
     python scripts/bench_compile.py --arch pixart-sigma --layers 2 --height 256 --width 256 \\
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,12 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_LAUNCH_LOG is set)
 import rettn  # noqa: E402
 from rettn import dummy_inputs  # noqa: E402
 from rettn.archs import arch_names, build_transformer, load_arch  # noqa: E402
 from rettn.config import RettnConfig  # noqa: E402
-from rettn.profiler import TransformerRunner, environment  # noqa: E402
+from rettn.profiler import TransformerRunner, environment, with_heads  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -45,16 +53,39 @@ def _blocks(model):
             yield block
 
 
+def schedule_config(config: RettnConfig, steps: int, model_steps: int) -> RettnConfig:
+    """``config`` for a run of ``steps`` steps with the schedule's shape at ``model_steps``: a
+    refresh interval given as a fraction becomes its length in steps at ``model_steps``; the
+    warm-up and dense_final stay fractions (they scale with the run)."""
+    interval = config.refresh_interval
+    if isinstance(interval, float) and steps != model_steps:
+        config = config.replace(refresh_interval=max(1, int(round(interval * model_steps))))
+    return config.replace(num_inference_steps=steps)
+
+
+def _steps_value(text: str):
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) and "." not in text else value
+
+
 def main(argv=None) -> int:
+    launch_log.install_from_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="cogvideox-2b", choices=arch_names())
     ap.add_argument("--layers", type=int, default=None, help="fewer transformer blocks (default: all)")
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None, help="attention heads instead of the model's (same head dim)")
+    ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: the model's)")
+    ap.add_argument("--batch", type=int, default=None, help="batch per transformer call (default: the model's)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--preset", default=None, help="rettn preset (default: the model's)")
+    ap.add_argument("--warmup", type=_steps_value, default=None, help="override the preset's dense warm-up (steps or fraction)")
+    ap.add_argument("--refresh-interval", type=_steps_value, default=None, help="override the preset's refresh interval")
+    ap.add_argument("--min-seq-len", type=int, default=None, help="override the preset's min_seq_len")
+    ap.add_argument("--backend", choices=["triton", "torch", "flex"], default=None, help="rettn backend (default: auto)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
@@ -63,17 +94,27 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    spec = load_arch(args.arch)
+    spec = with_heads(load_arch(args.arch), args.heads)
     grid = spec.token_grid(args.frames, args.height, args.width)
     steps = args.steps or spec.shape.steps
-    model = build_transformer(spec, args.layers, device=device, dtype=dtype)
-    inputs = dummy_inputs.forward_inputs(spec.family, model, batch=spec.shape.batch, grid=grid,
-                                         text_len=spec.shape.text_len, text_padding=0)
+    text_len = args.text_len or spec.shape.text_len
+    model = build_transformer(spec, args.layers, device=device, dtype=dtype, text_len=text_len)
+    inputs = dummy_inputs.forward_inputs(spec.family, model, batch=args.batch or spec.shape.batch, grid=grid,
+                                         text_len=text_len, text_padding=0)
     runner = TransformerRunner(model, spec.family, inputs, spec.shape.calls_per_step)
-    config = RettnConfig.from_preset(args.preset or spec.preset, num_inference_steps=steps)
-    seq = dummy_inputs.sequence_length(spec.family, model.config, grid, spec.shape.text_len)
+    overrides = {name: getattr(args, name) for name in ("warmup", "refresh_interval", "min_seq_len", "backend")
+                 if getattr(args, name) is not None}
+    config = schedule_config(RettnConfig.from_preset(args.preset or spec.preset, **overrides), steps,
+                             spec.shape.steps)
+    kinds = config.schedule(steps).kinds(steps)
+    counts = {kind: kinds.count(kind) for kind in ("dense", "cache", "sparse")}
+    if not counts["sparse"]:
+        ap.error(f"the schedule at --steps {steps} ({kinds}) has no sparse step: give more --steps or a "
+                 "longer --refresh-interval")
+    seq = dummy_inputs.sequence_length(spec.family, model.config, grid, text_len)
     print(f"{spec.name}: {sum(1 for _ in _blocks(model))} blocks, grid {grid}, attention seq {seq}, "
-          f"{steps} steps, {dtype}, {device}, compile backend {args.compile_backend}", flush=True)
+          f"{steps} steps ({counts['dense']} dense, {counts['cache']} cache, {counts['sparse']} sparse), "
+          f"{dtype}, {device}, compile backend {args.compile_backend}", flush=True)
 
     def generation():
         _sync(device)
@@ -93,15 +134,19 @@ def main(argv=None) -> int:
                 first = generation()  # compiles (compiled) / warms caches (eager): not counted
                 times = [generation() for _ in range(args.repeats)]
                 density = handle.stats().mean_density() if handle else None
+                ran = handle.stats().kinds()[-steps:] if handle else None
             finally:
                 if handle:
                     handle.remove()
+            if ran is not None and ran != kinds:
+                raise RuntimeError(f"the rettn run's step kinds {ran} differ from the schedule's {kinds}")
             label = f"{mode} {'compiled' if compiled else 'eager'}"
-            results[label] = {"first_s": first, "mean_s": sum(times) / len(times), "runs_s": times, "density": density}
-            print(f"{label:15s} {results[label]['mean_s']:8.3f} s per generation (first run {first:.1f} s)", flush=True)
+            results[label] = {"first_s": first, "median_s": statistics.median(times), "runs_s": times,
+                              "density": density}
+            print(f"{label:15s} {results[label]['median_s']:8.3f} s per generation (first run {first:.1f} s)", flush=True)
 
     def ratio(a, b):
-        return results[a]["mean_s"] / results[b]["mean_s"]
+        return results[a]["median_s"] / results[b]["median_s"]
 
     ratios = {
         "compile speedup, dense": ratio("dense eager", "dense compiled"),
@@ -112,7 +157,8 @@ def main(argv=None) -> int:
     for name, value in ratios.items():
         print(f"{name:25s} {value:.2f}x")
     if args.json:
-        report = {"arch": spec.name, "grid": list(grid), "seq": seq, "steps": steps, "dtype": str(dtype),
+        report = {"arch": spec.name, "grid": list(grid), "seq": seq, "steps": steps, "layers": args.layers,
+                  "schedule": {"kinds": kinds, "counts": counts}, "config": dict(vars(config)), "dtype": str(dtype),
                   "compile_backend": args.compile_backend, "results": results, "ratios": ratios,
                   "environment": environment(device), "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,92 +1,178 @@
 #!/usr/bin/env bash
-# One prepared GPU check (run on the lent H200 through the device tool, from the repo root):
-#   installs what the image lacks from carried wheels (.gpu_wheels/, built beforehand with
-#   `pip download --no-deps -d .gpu_wheels pytest diffusers==0.42.1`; carry
-#   `.gpu_wheels`), runs the GPU test tier, the attention benchmark, and the latency profiles of
-#   CogVideoX-2B and -5B-shaped transformers with random weights at 49 frames 720x480 (dense vs
-#   the cogvideox presets, 50 steps), and writes everything as JSON/text into $OUT.
-# Budget: under 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470): each step's timeout is
-# cut to what is left. At most 8 files come back from $OUT: env.txt, tests.txt,
-# bench_attention.{json,txt}, bench_compile.json, profile-cogvideox-2b.json, profile-cogvideox-5b.json,
-# profile.txt (the profiles' and the compile benchmark's text).
-set -u
+# The GPU check, one shot: every GPU number rettn needs, from one run on a fresh GPU machine.
+#
+#   bash scripts/fetch_gpu_wheels.sh          # here, once: .gpu_wheels/ (diffusers), carried along
+#   bash scripts/gpu_check.sh                 # on the GPU machine, from the repo root (OUT=dir)
+#   bash scripts/gpu_check.sh --rehearse      # the same steps on CPU: tiny shapes, Triton interpreter
+#   GPU_CHECK_STEPS=profile,compile bash scripts/gpu_check.sh   # only some steps (a short rerun)
+#
+# Steps, most valuable first; each writes into $OUT as soon as it has numbers, and the summary
+# (summary.json, summary.txt) is rewritten after every step, so a run cut short still returns
+# what it measured:
+#   install  wheels from .gpu_wheels/ for what the image lacks (--no-deps into /tmp/site)
+#   bench    kernels at the CogVideoX-2B shape (B=2 H=30 S=17,776 D=64 bf16, 226 text tokens
+#            first, dense text rows and columns) at keep 3.125% and 6.25%: SDPA (flash, cuDNN),
+#            FlexAttention (BlockMask built outside the timing), rettn sparse / +lse / rescaled,
+#            dense attention with lse               -> bench_attention.json
+#   tests    the GPU test tier, tests/test_gpu.py (no -x: every test runs)  -> tests.txt
+#   profile  CogVideoX-2B, random weights, full shape, 50 steps, dense vs the preset
+#                                                   -> profile-cogvideox-2b.json
+#   compile  torch.compile (Inductor, regional) on 8 CogVideoX-2B blocks, 10 steps (3 dense,
+#            2 cache, 5 sparse), eager vs compiled  -> bench_compile.json
+# Everything else a step prints goes to log.txt. 7 files in all come back from $OUT.
+#
+# Budget: GPU_CHECK_BUDGET seconds (default 400, under 7 minutes); each step has a cap (install
+# 20, bench 100, tests 90, profile 100, compile 80: 390 s) and is also cut to what is left; the
+# last step, compile, may use all that is left. Each step records which Triton
+# kernel specialisations it launched (scripts/launch_log.py); the rehearsal maps them to the
+# GPU's tile choice and prints the list.
+set -u -o pipefail
+REHEARSE=0
+case "${1:-}" in
+  --rehearse) REHEARSE=1 ;;
+  "") ;;
+  *) echo "usage: bash scripts/gpu_check.sh [--rehearse]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+LOG=$OUT/log.txt
+: > "$LOG"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # step records and launch logs (not returned)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-$(command -v python3 || command -v python)}  # the image's python3 holds torch
+export PY=${PYTHON:-$(command -v python3 || command -v python)}  # the image's python3 holds torch
+LINKED=0
+cleanup() {
+  (( LINKED )) && rm -f rettn/configs
+  (( REHEARSE )) && rm -rf "$WORK"
+  return 0
+}
+trap cleanup EXIT
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-470}
-cap() {  # cap WANT: WANT seconds, or what is left of the budget if less (at least 1)
-  local want=$1 left=$(( BUDGET - ($(date +%s) - START) ))
-  (( left < want )) && want=$left
-  (( want < 1 )) && want=1
-  echo "$want"
+BUDGET=${GPU_CHECK_BUDGET:-400}
+ONLY=${GPU_CHECK_STEPS:-}  # e.g. "profile,compile": a second, shorter run of some steps (install always runs)
+if (( REHEARSE )); then
+  # CPU: the kernels under the Triton interpreter; one thread (no OpenMP contention on a busy CI
+  # machine); a GPU, if any, is hidden so the rehearsal is the same everywhere
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=1 RETTN_GPU_TIER=interpret CUDA_VISIBLE_DEVICES=
+fi
+
+step() {  # step NAME CAP OUTFILE CMD...: run CMD under timeout, append its output to OUTFILE
+  local name=$1 want=$2 file=$3
+  shift 3
+  local left=$(( BUDGET - ($(date +%s) - START) )) cap=$want rc t0
+  (( left < cap )) && cap=$left
+  echo "== $name: cap ${cap} s, $(( $(date +%s) - START )) s in ==" >> "$LOG"
+  t0=$(date +%s%N)
+  if [[ -n $ONLY && $name != install && ",$ONLY," != *",$name,"* ]]; then
+    rc=125
+    echo "$name skipped: not in GPU_CHECK_STEPS=$ONLY" >> "$LOG"
+  elif (( cap < 5 )); then
+    rc=125
+    echo "$name skipped: no budget left" >> "$LOG"
+  else
+    RETTN_LAUNCH_LOG=$WORK/launches-$name.json timeout -k 5 "$cap" "$@" >> "$file" 2>&1
+    rc=$?
+  fi
+  echo "== $name: rc=$rc ==" >> "$LOG"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" "$cap" >> "$WORK/steps.tsv"
+  "$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START" --quiet >> "$LOG" 2>&1
+  return 0
 }
 
-{ nvidia-smi; "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$OUT/env.txt" 2>&1
-"$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q --no-index --find-links .gpu_wheels pytest >> "$OUT/env.txt" 2>&1
-if ! "$PY" -c "import diffusers" 2>/dev/null; then  # the image has no diffusers (a pure-Python wheel;
-  # its other needs are in the image, and importlib_metadata is only imported on Python < 3.8)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_wheels/diffusers-*.whl >> "$OUT/env.txt" 2>&1
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-"$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" >> "$OUT/env.txt" 2>&1
-
-# 1. GPU test tier (+ the profiler's CUDA path on a shrunk CogVideoX-2B, seconds)
-timeout "$(cap 150)" "$PY" -m pytest -q -x tests/test_gpu.py tests/test_kernels.py tests/test_compile.py \
-  tests/test_safety.py tests/test_profiler.py::test_profile_on_cuda -p no:cacheprovider \
-  > "$OUT/tests.txt" 2>&1
-echo "tests rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/tests.txt"
-
-# 2. attention kernels at the CogVideoX-2B shape
-timeout "$(cap 90)" "$PY" scripts/bench_attention.py --preset cogvideox --out "$OUT/bench_attention.json" \
-  > "$OUT/bench_attention.txt" 2>&1
-echo "bench rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/bench_attention.txt"
-
-# 3. latency profiles: the real transformers with random weights, 49 frames 720x480 (17,776
-#    tokens, CFG batch 2, bf16), 50 steps, dense vs the preset schedule; warm-up runs excluded.
-#    The 2B kernel table includes FlexAttention (compiled once, excluded); the 5B one skips it.
-: > "$OUT/profile.txt"
-echo "== CogVideoX-2B ==" >> "$OUT/profile.txt"
-timeout "$(cap 120)" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
-  --json "$OUT/profile-cogvideox-2b.json" >> "$OUT/profile.txt" 2>&1
-echo "profile 2b rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/profile.txt"
-# 3b. torch.compile on top of the Triton kernels: 8 CogVideoX-2B blocks at the full shape,
-#     regional Inductor compilation, dense and rettn, eager vs compiled (first runs excluded)
-echo "== torch.compile (8 CogVideoX-2B blocks) ==" >> "$OUT/profile.txt"
-timeout "$(cap 150)" "$PY" scripts/bench_compile.py --arch cogvideox-2b --layers 8 --steps 10 \
-  --json "$OUT/bench_compile.json" >> "$OUT/profile.txt" 2>&1
-echo "bench_compile rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/profile.txt"
-echo "== CogVideoX-5B ==" >> "$OUT/profile.txt"
-timeout "$(cap 200)" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-5b \
-  --kernel-providers sdpa,dense_lse,rettn,rettn_rescaled --no-chart \
-  --json "$OUT/profile-cogvideox-5b.json" >> "$OUT/profile.txt" 2>&1
-echo "profile 5b rc=$? ($(( $(date +%s) - START )) s in)" >> "$OUT/profile.txt"
-
-# 4. the speedups side by side, with each schedule's ceiling (the run if sparse attention cost nothing)
-"$PY" - "$OUT" >> "$OUT/profile.txt" 2>&1 <<'EOF'
-import json, sys
+install_wheels() {  # the carried wheels whose distribution the image lacks, --no-deps, into /tmp/site
+  "$PY" - .gpu_wheels /tmp/site <<'EOF'
+import subprocess, sys
+from importlib import metadata
 from pathlib import Path
-print("== summary: per-step and whole-run speedups (CUDA events; warm-up runs excluded) ==")
-for name in ("cogvideox-2b", "cogvideox-5b"):
-    p = Path(sys.argv[1]) / f"profile-{name}.json"
-    if not p.exists():
-        print(f"{name}: no report (the run did not finish)")
-        continue
-    r = json.loads(p.read_text())
-    s, run = r["summary"], r["summary"]["run"]
-    rows = {x["label"]: x for x in s["rows"]}
-    ms = lambda label: 1e3 * rows[label]["mean_s"] if label in rows else float("nan")
-    print(f"{name}: dense step {ms('dense (no rettn)'):.1f} ms, rettn dense {ms('rettn dense'):.1f} ms, "
-          f"cache {ms('rettn cache'):.1f} ms, sparse {ms('rettn sparse'):.1f} ms "
-          f"(attention {1e3 * (rows.get('rettn sparse') or {}).get('attention_s', float('nan')):.1f} ms)")
-    fx = lambda v, f=".2f": "-" if v is None else format(v, f)
-    print(f"  sparse step vs dense step: {fx(s['sparse_step_speedup'])}x | whole {r['steps']}-step run: "
-          f"dense {run['dense_s']:.2f} s, rettn {run['rettn_s']:.2f} s -> {run['speedup']:.2f}x | "
-          f"ceiling {run['ceiling_s']:.2f} s -> {fx(run['ceiling_speedup'])}x | density {fx(s['mean_density'], '.4f')}")
-    for t, v in (r.get("targets") or {}).items():
-        print(f"  target {t}: {v['value']:.2f}x (>= {v['bound']}x) {'met' if v['met'] else 'NOT met'}")
+
+wheels, target = Path(sys.argv[1]), sys.argv[2]
+missing = []
+for whl in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
+    name, version = whl.name.split("-")[:2]
+    try:
+        print(f"{name}: {metadata.version(name)} is installed, {whl.name} not needed")
+    except metadata.PackageNotFoundError:
+        missing.append(str(whl))
+if not missing:
+    print("nothing to install" + ("" if wheels.is_dir() else f" ({wheels} absent)"))
+    sys.exit(0)
+print("installing", ", ".join(Path(m).name for m in missing), "into", target)
+sys.exit(subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                          "--disable-pip-version-check", "--target", target] + missing))
 EOF
-tail -n 3 "$OUT/tests.txt"; cat "$OUT/bench_attention.txt" "$OUT/profile.txt"
-echo "gpu_check total $(( $(date +%s) - START )) s"
+  "$PY" - <<'EOF'  # the install step fails here if the check still cannot import what it needs
+import diffusers, torch, triton
+print("diffusers", diffusers.__version__, "| torch", torch.__version__, "| triton", triton.__version__)
+EOF
+}
+
+# ---- environment (and the install: everything after it imports diffusers)
+{ command -v nvidia-smi > /dev/null && nvidia-smi; } >> "$LOG" 2>&1
+if (( REHEARSE )); then
+  step install 20 "$LOG" "$PY" -c "from importlib import metadata as m; print('rehearsal: nothing to install;', \
+    *(f'{p} {m.version(p)}' for p in ('torch', 'triton', 'diffusers')))"
+else
+  export PYTHONPATH=$PYTHONPATH:/tmp/site  # appended: the image's own packages win
+  export -f install_wheels
+  step install 20 "$LOG" bash -c install_wheels
+fi
+# A bare checkout (the GPU machine's copy, rettn not installed) has no rettn.configs: pyproject
+# maps configs/ to it at install. Link it for this run; the link goes at exit.
+configs_found() {  # rettn.configs reachable: in the tree, or through an installed (editable) finder
+  [[ -e rettn/configs ]] || "$PY" -c "
+import sys
+from importlib.machinery import PathFinder
+def found(f):
+    try:
+        return f is not PathFinder and f.find_spec('rettn.configs', None) is not None
+    except Exception:
+        return False
+sys.exit(0 if any(found(f) for f in sys.meta_path) else 1)"
+}
+if ! configs_found; then
+  ln -s ../configs rettn/configs && LINKED=1 && echo "linked rettn/configs -> ../configs for this run" >> "$LOG"
+fi
+timeout 60 "$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START" --env >> "$LOG" 2>&1
+
+# ---- 1. kernels at the CogVideoX-2B shape (real layout), both keeps
+if (( REHEARSE )); then
+  BENCH=(--preset rehearse --backend triton --flex-compile-backend aot_eager --repeats 1 --warmup 0 --window-ms 0)
+else
+  BENCH=(--preset cogvideox)
+fi
+step bench 100 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
+
+# ---- 2. the GPU test tier (no -x). Where the image has them: a per-test timeout (pytest-timeout),
+#      and 4 workers (pytest-xdist) so that the ~15 Triton compiles run side by side
+EXTRA=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && EXTRA+=(--timeout 75)
+"$PY" -c "import xdist" 2> /dev/null && EXTRA+=(-n 4)
+step tests 90 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py \
+  -p launch_log -p no:cacheprovider -rfE --durations=12 "${EXTRA[@]}"
+
+# ---- 3. CogVideoX-2B latency profile: full shape (17,776 tokens, CFG batch 2, bf16), 50 steps
+if (( REHEARSE )); then
+  PROFILE=(--heads 2 --layers 1 --frames 1 --height 256 --width 256 --text-len 16 --steps 4 --warmup 1
+           --refresh-interval 3 --min-seq-len 0 --backend triton --dtype bfloat16 --device cpu --kernel-repeats 1)
+else
+  PROFILE=()
+fi
+step profile 100 "$LOG" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
+  --density-sweep none --kernel-providers sdpa,dense_lse,rettn,rettn_rescaled "${PROFILE[@]}" \
+  --json "$OUT/profile-cogvideox-2b.json"
+
+# ---- 4. torch.compile on top of the kernels: 8 CogVideoX-2B blocks at the full shape. The last
+#      step gets what is left of the budget (at least its 80 s when the others kept to their caps)
+if (( REHEARSE )); then
+  COMPILE=(--heads 2 --layers 1 --frames 1 --height 256 --width 128 --text-len 16 --steps 4 --min-seq-len 0
+           --backend triton --compile-backend aot_eager --device cpu --dtype bfloat16)
+else
+  COMPILE=(--layers 8 --steps 10)
+fi
+step compile "$(( BUDGET - ($(date +%s) - START) > 80 ? BUDGET - ($(date +%s) - START) : 80 ))" "$LOG" \
+  "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
+
+# ---- the summary: summary.json, and one screen of text (also summary.txt)
+"$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START"

@@ -594,6 +594,7 @@ def test_eval_argument_type_errors(argv, message, capsys):
     (["--random-weights", "--arch", "flux", "--prompt", "x"],
      "--prompt applies to pipelines; --random-weights runs the bare transformer"),
     (["--text-len", "8"], "--text-len applies to --random-weights only"),
+    (["--heads", "2"], "--heads applies to --random-weights only"),
     (["--density-sweep", "0.5,2"], "--density-sweep values must be in (0, 1], got '0.5,2'"),
     (["--device", "tpu"], "unknown device 'tpu'; use cpu or cuda"),
 ])

@@ -1,6 +1,9 @@
 """Numerical and state safety: fp16 scores beyond fp16's range, selected blocks that are nearly
 all padding, NaN / inf inputs (an error naming the layers, never a silent NaN video), fp16
-residual overflow, and two patched pipelines in one process (interleaved and in two threads)."""
+residual overflow, and two patched pipelines in one process (interleaved and in two threads).
+
+The kernel tests run on ``conftest.DEVICE``: CUDA where there is one (the Triton backend needs
+CUDA tensors there), else CPU with the Triton interpreter."""
 
 import threading
 
@@ -10,6 +13,7 @@ from helpers import qkv
 from tiny_models import tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_transformer
 
 import rettn
+from conftest import DEVICE
 from rettn.config import RettnConfig
 from rettn.engine import CallInfo, Engine
 from rettn.kernels import masked_attention_reference
@@ -24,15 +28,15 @@ def _truth(q, k, v, layout=None, scale=None):
     return masked_attention_reference(q.double(), k.double(), v.double(), mask, scale, compute_dtype=torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_scores_beyond_fp16_range(backend):
+def check_fp16_scores_beyond_fp16_range(backend, device, block=32, seq=160):
     """q = k with |q|^2 = 1600 * 64 = 102,400 > 65,504: a score computed in fp16 overflows. The
-    kernels accumulate in fp32: finite, and as close to the fp64 truth as fp16 outputs allow."""
-    q, _, v = qkv(1, 2, 160, 64, dtype=torch.float16, seed=4)
+    kernels accumulate in fp32: finite, and as close to the fp64 truth as fp16 outputs allow.
+    (Also run by the GPU tier, tests/test_gpu.py, at the GPU's block size.)"""
+    q, _, v = qkv(1, 2, seq, 64, dtype=torch.float16, device=device, seed=4)
     q = (q.float() * 40).half()
     k = q.clone()
     assert float((q[0, 0, 0].float() ** 2).sum()) > 65504
-    layout = rettn.selection.topk(q, k, 0.5, block_q=32)
+    layout = rettn.selection.topk(q, k, 0.5, block_q=block)
     out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     true_out, true_lse = _truth(q, k, v, layout)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -41,6 +45,11 @@ def test_fp16_scores_beyond_fp16_range(backend):
     dense, dense_lse = rettn.attention_with_lse(q, k, v)
     true_dense, _ = _truth(q, k, v)
     assert torch.isfinite(dense).all() and (dense.double() - true_dense).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_scores_beyond_fp16_range(backend):
+    check_fp16_scores_beyond_fp16_range(backend, DEVICE)
 
 
 def test_engine_fp16_overflowing_scores_stay_finite():
@@ -58,18 +67,25 @@ def test_engine_fp16_overflowing_scores_stay_finite():
     assert torch.isfinite(rho).all() and float(rho.max()) <= 1.0 + 0.04 * 2
 
 
+def check_rows_whose_selected_block_is_nearly_all_padding(backend, device, block=64, dtype=torch.float32):
+    """seq = 2 blocks + 1 token: every query block keeps only the last key block, which holds one
+    real key and block - 1 padding slots. The padding must not count: every output row is exactly
+    that key's value, and lse = its score. (Also run by the GPU tier at the GPU's block size.)"""
+    seq = 2 * block + 1
+    q, k, v = qkv(1, 2, seq, 32 if dtype == torch.float32 else 64, dtype=dtype, device=device, seed=6)
+    n = torch.ones(1, 1, 3, dtype=torch.int32, device=device)
+    idx = torch.full((1, 1, 3, 1), 2, dtype=torch.int32, device=device)
+    layout = rettn.BlockSparseLayout(n, idx, block, block, seq, seq)
+    out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, v[:, :, seq - 1:seq].expand_as(out), atol=tol, rtol=tol)
+    score = (q.float() @ k[:, :, seq - 1].float().unsqueeze(-1)).squeeze(-1) * q.shape[-1] ** -0.5
+    torch.testing.assert_close(lse, score, atol=1e-4 if dtype == torch.float32 else 1e-2, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_whose_selected_block_is_nearly_all_padding(backend):
-    """seq 129 with 64-token blocks: every query block keeps only the last key block, which holds
-    one real key and 63 padding slots. The padding must not count: every output row is exactly
-    that key's value, and lse = its score."""
-    q, k, v = qkv(1, 2, 129, 32, seed=6)
-    n = torch.ones(1, 1, 3, dtype=torch.int32)
-    idx = torch.full((1, 1, 3, 1), 2, dtype=torch.int32)
-    layout = rettn.BlockSparseLayout(n, idx, 64, 64, 129, 129)
-    out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
-    torch.testing.assert_close(out, v[:, :, 128:129].expand_as(out), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, (q @ k[:, :, 128].unsqueeze(-1)).squeeze(-1) * 32**-0.5, atol=1e-4, rtol=1e-4)
+    check_rows_whose_selected_block_is_nearly_all_padding(backend, DEVICE)
 
 
 def test_a_row_with_no_block_is_an_error_not_nan():

@@ -75,9 +75,13 @@ _WINDOW_S = 5e-3
 _WINDOWS = 3
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
+# this is asked inside compiled regions (a fullgraph compile of a patched block broke on it).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 @functools.lru_cache(maxsize=None)
