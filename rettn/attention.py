@@ -281,7 +281,7 @@ def sparse_step_attention(q, k, v, layout, rho=None, residual=None, scale=None, 
     Returns ``(out, rho_next, finite)``: ``rho_next`` None when ``ramp`` is 0 or rho is None,
     ``finite`` None unless ``check_finite``. On the Triton backend this is one kernel launch (the
     rescale, residual, ramp, clamp and finite check in its epilogue); other backends run the same
-    math after the kernel.
+    math after the kernel. Under ``torch.compile`` it is the custom op ``rettn::sparse_step``.
     """
     _check_qkv(q, k, v)
     _check_layout(layout, q, k)
@@ -297,8 +297,8 @@ def sparse_step_attention(q, k, v, layout, rho=None, residual=None, scale=None, 
         raise ValueError(f"ramp must be a finite number >= 0, got {ramp}")
     backend = _resolve_backend(backend, q, layout)
     args = (q, k, v, layout, scale, backend, rho, residual, ramp, bool(clamp_rho), bool(check_finite))
-    if _needs_autograd(q, k, v, rho, residual):
-        return ops.run_sparse_step(*args)
+    if not torch.compiler.is_compiling() or _needs_autograd(q, k, v, rho, residual):
+        return ops.sparse_step_outputs(*args)  # eager: no custom-op dispatch (host time per call)
     out, rho_next, ok = torch.ops.rettn.sparse_step(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, *args[4:])
     return out, (rho_next if rho is not None and ramp else None), (ok if check_finite else None)
@@ -317,6 +317,7 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
     when ``out_dense`` is all finite; no sync) or None unless ``check_finite``. On the Triton
     backend the statistics are one sparse launch after the dense pass (rho and R in its epilogue;
     the sparse output is never stored); other backends compute them with torch after the kernels.
+    Under ``torch.compile`` the statistics are the custom op ``rettn::cache_step``.
     """
     _check_qkv(q, k, v)
     _check_layout(layout, q, k)
@@ -329,8 +330,8 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
     if not use_rho and rdt is None:  # nothing to cache: only the finite check
         return out_dense, None, None, (torch.isfinite(out_dense).all() if check_finite else None)
     args = (q, k, v, layout, scale, backend, out_dense, lse_dense, bool(use_rho), rdt, bool(check_finite))
-    if _needs_autograd(q, k, v):
-        rho, residual, ok = ops.run_cache_step(*args)
+    if not torch.compiler.is_compiling() or _needs_autograd(q, k, v):
+        rho, residual, ok = ops.cache_step_outputs(*args)  # eager: no custom-op dispatch
     else:
         rho, residual, ok = torch.ops.rettn.cache_step(
             q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, *args[4:])

@@ -15,7 +15,9 @@
    kernel, max(FLOPs / 60% of 790 TFLOP/s, bytes / 4.3 TB/s) + 3 us launch (an estimate, not a
    measurement; the sparse kernels are assumed as efficient as the dense flash pass).
 
-    python scripts/kernel_counts.py [--json counts.json]
+3. With ``--host``: host microseconds per call with the kernel launch mocked (a benchmark).
+
+    python scripts/kernel_counts.py [--host] [--json counts.json]
 """
 
 from __future__ import annotations
@@ -139,25 +141,39 @@ def _attention_flops(q, k, density=1.0) -> float:
     return 4.0 * b * h * sq * k.shape[2] * d * density
 
 
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += _bytes(t)
+    return total
+
+
 class Counter(TorchDispatchMode):
-    """Counts the kernels (ops that compute), their compulsory bytes, and the attention FLOPs
-    (``density`` for rettn's sparse kernels)."""
+    """Counts the kernels (ops that compute, and rettn's Triton launches), their compulsory
+    bytes, and the attention FLOPs (``density`` for rettn's sparse kernels)."""
+
+    active = None
 
     def __init__(self, density: float):
         super().__init__()
         self.density = density
         self.kernels: list[tuple[str, int, float]] = []
 
+    def __enter__(self):
+        Counter.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Counter.active = None
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
         if name not in _FREE:
-            seen, total = set(), 0
-            for t in list(_flat(args)) + list(_flat(kwargs or {})) + list(_flat(out)):
-                key = (id(t), t.data_ptr() if t.device.type != "meta" else id(t))
-                if key not in seen:
-                    seen.add(key)
-                    total += _bytes(t)
+            total = _unique_bytes(list(_flat(args)) + list(_flat(kwargs or {})) + list(_flat(out)))
             flops = 0.0
             if "flash_attention" in name:
                 flops = _attention_flops(args[0], args[1])
@@ -165,6 +181,14 @@ class Counter(TorchDispatchMode):
                 flops = _attention_flops(args[0], args[1], self.density)
             self.kernels.append((str(func), total, flops))
         return out
+
+    def launch(self, launch: triton_sparse.Launch):
+        """A Triton launch (not run: meta tensors): its tensor arguments read or written once."""
+        q, k = launch.args[0], launch.args[1]
+        tensors = [a for a in launch.args if isinstance(a, torch.Tensor)]
+        dense = launch.constexprs["DENSE"]
+        self.kernels.append((f"triton _attn_fwd MODE={launch.constexprs['MODE']}", _unique_bytes(tensors),
+                             _attention_flops(q, k, 1.0 if dense else self.density)))
 
     @property
     def summary(self) -> dict:
@@ -185,6 +209,7 @@ def _as_on_gpu():
     """Meta tensors routed as CUDA ones would be (Triton backend, flash dense pass, sm_90 tiles)."""
     with mock.patch.object(triton_sparse, "unsupported_reason", lambda q, layout: None), \
             mock.patch.object(triton_sparse, "device_capability", lambda device: (9, 0)), \
+            mock.patch.object(triton_sparse.Launch, "run", lambda self: Counter.active.launch(self)), \
             mock.patch.object(att, "attention_with_lse", _dense_flash):
         yield
 
@@ -235,6 +260,9 @@ def step_counts(batch=2, heads=30, seq=17776, head_dim=64, block=128, dtype=torc
     }
     out = {}
     with _as_on_gpu():
+        # once per layout / per stream, not per call: a static layout's launch order, the flag's scratch
+        triton_sparse.launch_order(layout, batch, heads, math.ceil(seq / block), block)
+        triton_sparse._scratch(meta)
         for name, fn in runs.items():
             with Counter(density) as c:
                 fn()
@@ -246,9 +274,52 @@ def step_counts(batch=2, heads=30, seq=17776, head_dim=64, block=128, dtype=torc
     return out
 
 
+def host_time(calls: int = 2000, seq: int = 512, heads: int = 4) -> dict:
+    """Host microseconds per sparse-step call with the kernel launch mocked (the launch itself,
+    Triton's binder and C launcher, excluded): the public function and the engine's sparse step,
+    Triton backend, CPU tensors under the interpreter's device rules."""
+    import os
+    import time
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
+    from rettn.config import RettnConfig
+    from rettn.engine import CallInfo, Engine
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, 64, generator=g).transpose(1, 2) for _ in range(3))
+    layout = selection.topk(q, k, 0.25, block_q=128, dense_spans=[(0, 100)])
+    rho = torch.rand(1, heads, seq)
+    residual = torch.randn_like(q)
+    eng = Engine(RettnConfig(keep=0.25, block_size=128, warmup=0, refresh_interval=10 ** 6, min_seq_len=0,
+                             backend="triton", ramp=0.04), n_layers=1, family="test")
+    out = {}
+    with mock.patch.object(triton_sparse.Launch, "run", lambda self: None):
+        eng.on_forward(999.0)
+        eng.attend(q, k, v, 0.125, CallInfo(layer=0))  # the cache step
+        eng.slots[0].pending.clear()  # its flag was never written (no launch)
+        eng.on_forward(998.0)
+        runs = {
+            "sparse_step_attention": lambda: att.sparse_step_attention(q, k, v, layout, rho, residual, ramp=0.04,
+                                                                       check_finite=True, backend="triton"),
+            "engine sparse step (Engine.attend)": lambda: eng.attend(q, k, v, 0.125, CallInfo(layer=0)),
+        }
+        for name, fn in runs.items():
+            for _ in range(20):
+                fn()
+            if name.startswith("engine"):
+                eng.slots[0].pending.clear()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[name] = (time.perf_counter() - start) / calls * 1e6
+            eng.slots[0].pending.clear()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--host", action="store_true", help="also time the host work per call (launch mocked)")
     args = ap.parse_args(argv)
     lb = load_balance()
     print(f"load balance, CogVideoX-2B top-k keep 3.125% + 226 dense text tokens, block 128, {lb['programs']} programs "
@@ -261,8 +332,13 @@ def main(argv=None) -> int:
     for name, r in counts.items():
         print(f"  {name:20s} {r['kernels']:7d} {r['bytes'] / 1e6:9.1f} {r['bytes_vs_dense_step']:8.2f} "
               f"{r['estimate_s'] * 1e3:8.3f} {r['estimate_vs_dense_step']:8.3f}")
+    host = host_time() if args.host else None
+    if host:
+        print("host work per call, launch mocked (us):")
+        for name, us in host.items():
+            print(f"  {name:45s} {us:8.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_balance": lb, "calls": counts}, indent=2))
+        Path(args.json).write_text(json.dumps({"load_balance": lb, "calls": counts, "host_us": host}, indent=2))
     return 0
 
 

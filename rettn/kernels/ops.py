@@ -134,6 +134,29 @@ def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rh
     return rho, residual, (torch.isfinite(out_dense).all() if check else None)
 
 
+def sparse_step_outputs(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, clamp=True, check=False):
+    """:func:`run_sparse_step` with the op's output contract (out with q's strides, rho_next
+    (B, H, Sq)): what ``rettn::sparse_step`` returns, None where it returns an empty tensor.
+    Eager callers use it directly (the custom op's dispatch costs host time per call)."""
+    out, rho_next, ok = run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp, clamp, check)
+    if out.stride() != q.stride():
+        out = torch.empty_like(q).copy_(out)
+    b, h, sq, _ = q.shape
+    if rho_next is not None and tuple(rho_next.shape) != (b, h, sq):  # a broadcast rho: full, as the fake says
+        rho_next = rho_next.expand(b, h, sq).contiguous()
+    return out, rho_next, ok
+
+
+def cache_step_outputs(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho=True, residual_dtype=None,
+                       check=False):
+    """:func:`run_cache_step` with the op's output contract (residual with q's strides)."""
+    rho, residual, ok = run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
+                                       residual_dtype, check)
+    if residual is not None and residual.stride() != q.stride():
+        residual = torch.empty_like(q, dtype=residual.dtype).copy_(residual)
+    return rho, residual, ok
+
+
 def _or_empty(t, like):
     return like.new_empty(0) if t is None else t
 
@@ -156,12 +179,7 @@ def sparse_step(
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k)
-    out, rho_next, ok = run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp, clamp, check)
-    if out.stride() != q.stride():
-        out = torch.empty_like(q).copy_(out)
-    b, h, sq, _ = q.shape
-    if rho_next is not None and tuple(rho_next.shape) != (b, h, sq):  # a broadcast rho: full, as the fake says
-        rho_next = rho_next.expand(b, h, sq).contiguous()
+    out, rho_next, ok = sparse_step_outputs(q, k, v, layout, scale, backend, rho, residual, ramp, clamp, check)
     f32 = q.new_empty(0, dtype=torch.float32)
     return out, _or_empty(rho_next, f32), _or_empty(ok, q.new_empty(0, dtype=torch.bool))
 
@@ -192,10 +210,8 @@ def cache_step(
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k)
-    rho, residual, ok = run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
-                                       residual_dtype, check)
-    if residual is not None and residual.stride() != q.stride():  # q's strides, as the fake says
-        residual = torch.empty_like(q, dtype=residual.dtype).copy_(residual)
+    rho, residual, ok = cache_step_outputs(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
+                                           residual_dtype, check)
     f32 = q.new_empty(0, dtype=torch.float32)
     return (_or_empty(rho, f32), _or_empty(residual, q.new_empty(0, dtype=residual_dtype or q.dtype)),
             _or_empty(ok, q.new_empty(0, dtype=torch.bool)))

@@ -203,7 +203,8 @@ def _attn_fwd(
         tl.store(LSE + row_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # ln(2)
     if CHECK:  # NaN, or a value that is (or rounds to) inf in the checked tensor's dtype
         x = checked
-        bad = tl.max(tl.max(tl.where(md_ok & ((x != x) | (tl.abs(x) >= FINITE_LIMIT)), 1, 0), 1), 0)
+        row_bad = tl.max(tl.where(d_ok[None, :] & ~(tl.abs(x) < FINITE_LIMIT), 1, 0), 1)  # NaN fails < too
+        bad = tl.max(tl.where(m_ok, row_bad, 0), 0)
         tl.atomic_or(SCRATCH + 1, bad)
         done = tl.atomic_add(SCRATCH, 1)  # acq_rel: every earlier program's OR is visible to the last
         if done == tl.num_programs(0) - 1:
@@ -259,13 +260,13 @@ def smem_estimate(cfg: TileConfig, block_d: int, elem: int, capability: tuple[in
     """Shared memory the pipelined kernel needs: the Q tile plus K and V tiles per buffer.
 
     Triton's Hopper pipeline (wgmma) keeps ``num_stages`` K/V buffers, the Ampere one
-    ``num_stages - 1``; on Ampere, when the warps split the key columns (fewer than 16 query
-    rows per warp) P is also passed between warps through shared memory. Checked against the
-    compiled kernels by ``kernels.aot`` (tests/test_aot.py)."""
+    ``num_stages - 1``; on Ampere, tiles of fewer than 128 query rows also pass P through shared
+    memory (measured: triton 3.6 and 3.7.1). Checked against the compiled kernels by
+    ``kernels.aot`` (tests/test_aot.py)."""
     hopper = tuple(capability) >= (9, 0)
     bufs = cfg.num_stages if hopper else max(1, cfg.num_stages - 1)
     need = cfg.block_m * block_d * elem + bufs * 2 * cfg.block_n * block_d * elem
-    if not hopper and cfg.block_m < 16 * cfg.num_warps:
+    if not hopper and cfg.block_m < 128:
         need += cfg.block_m * cfg.block_n * elem
     return need
 
@@ -285,9 +286,11 @@ _CANDIDATES_32 = {  # fp32: twice the bytes per element
 
 
 def block_d_for(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    """The head dim padded to a power of two >= 16 (the kernel's lanes)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_config(capability, head_dim: int, dtype: torch.dtype, block_q: int, block_k: int,
                 mode: str = "plain") -> TileConfig:
     """Tiles for a GPU of ``capability`` ((major, minor); None = the CPU interpreter).
@@ -301,11 +304,13 @@ def tile_config(capability, head_dim: int, dtype: torch.dtype, block_q: int, blo
     elem = 4 if dtype == torch.float32 else 2
     hopper = tuple(capability) >= (9, 0)
     candidates = (_CANDIDATES_32 if elem == 4 else _CANDIDATES_16)[bd]
-    if mode == "step" and elem == 2 and bd == 128 and not hopper:
+    if mode in ("step", "cache") and elem == 2 and bd == 128 and not hopper:
         candidates = [(128, 32, 8, 3)] + candidates  # 128 x 64 spills there (R, rho, check in the epilogue)
     limit = smem_limit(capability)
     chosen = None
     for bm, bn, warps, stages in candidates:
+        if block_q < bm and not hopper:
+            warps = 4  # a layout block smaller than the tile: 8 warps on 64 rows spill on Ampere
         cfg = TileConfig(min(block_q, bm), min(block_k, bn), warps, stages)
         chosen = cfg
         if smem_estimate(cfg, bd, elem, capability) <= limit:
@@ -341,10 +346,10 @@ _ORDERS: dict = {}
 
 
 def launch_order(layout: BlockSparseLayout, b: int, h: int, n_tiles: int, block_m: int) -> torch.Tensor:
-    """(b * h * n_tiles,) int32: the programs' (bh * n_tiles + tile) codes, heaviest tile first.
+    """(b * h * n_tiles,) int64: the programs' (bh * n_tiles + tile) codes, heaviest tile first.
 
     Cached per ``kv_num_blocks`` tensor (by identity and version), so a static layout pays the
-    sort once; a layout selected anew pays one small argsort on the device (no sync)."""
+    sort once; a layout selected anew pays one argsort on the device (no sync)."""
     counts = layout.kv_num_blocks
     key = (id(counts), counts._version, b, h, n_tiles, block_m)
     hit = _ORDERS.get(key)
@@ -353,12 +358,10 @@ def launch_order(layout: BlockSparseLayout, b: int, h: int, n_tiles: int, block_
     per_row = layout.block_q // block_m
     work = counts.repeat_interleave(per_row, dim=2)[..., :n_tiles] if per_row > 1 else counts
     order = torch.argsort(work.expand(b, h, n_tiles).reshape(-1), descending=True, stable=True)
-    order = order.to(torch.int32)
-    if counts.device.type != "meta":
-        if len(_ORDERS) > 256:
-            for k in [k for k, (ref, _) in _ORDERS.items() if ref() is None] or list(_ORDERS)[:128]:
-                _ORDERS.pop(k, None)
-        _ORDERS[key] = (weakref.ref(counts), order)
+    if len(_ORDERS) > 256:
+        for k in [k for k, (ref, _) in _ORDERS.items() if ref() is None] or list(_ORDERS)[:128]:
+            _ORDERS.pop(k, None)
+    _ORDERS[key] = (weakref.ref(counts), order)
     return order
 
 
@@ -432,11 +435,9 @@ def prepare(
     dev = q.device
     cap = device_capability(dev) if capability == "device" else capability
     dense = layout is None
-    base_layout = layout
     if dense:
         block_q = block_k = 128 if cap is not None else 64
     else:
-        layout = layout.expand(b, h)
         block_q, block_k = layout.block_q, layout.block_k
     cfg = tile_config(cap, d, q.dtype, block_q, block_k, mode)
     if tiles is not None:
@@ -445,16 +446,16 @@ def prepare(
     if dense:
         block_q, block_k = bm, bn
     assert block_q % bm == 0 and block_k % bn == 0, "tiles must divide the layout blocks"
-    n_tiles = triton.cdiv(sq, bm)
+    n_tiles = -(-sq // bm)
 
-    i32 = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev) if dense else None
+    i32 = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev) if dense else None  # never read
     if dense:
         kv_num = kv_idx = order = i32
         n_strides, i_strides = (0, 0, 0), (0, 0, 0, 0)
     else:
-        kv_num, kv_idx = layout.kv_num_blocks, layout.kv_indices
+        kv_num, kv_idx = _full(layout.kv_num_blocks, b, h), _full(layout.kv_indices, b, h)
         n_strides, i_strides = kv_num.stride(), kv_idx.stride()
-        order = launch_order(base_layout, b, h, n_tiles, bm)
+        order = launch_order(layout, b, h, n_tiles, bm)
 
     has_rho = rho is not None if mode == "step" else (write_rho if mode == "cache" else False)
     has_res = residual is not None if mode == "step" else (out_dtype is not None if mode == "cache" else False)
@@ -472,26 +473,24 @@ def prepare(
     scratch = _scratch(dev) if check else None
 
     anchor = out if out is not None else q  # a valid pointer for arguments the kernel ignores
-    res_t = res_in.expand(b, h, sq, d) if res_in is not None else anchor
-    rho_t = rho.expand(b, h, sq) if (mode == "step" and has_rho) else None
-    lse_d = lse_dense.expand(b, h, sq) if mode == "cache" else None
-    f32_anchor = lse if lse is not None else (rho_out if rho_out is not None else (
-        rho_t if rho_t is not None else (lse_d if lse_d is not None else None)))
+    res_t = _full(res_in, b, h) if res_in is not None else None
+    rho_t = _full(rho, b, h) if (mode == "step" and has_rho) else None
+    lse_d = _full(lse_dense, b, h) if mode == "cache" else None
+    f32_anchor = next((t for t in (lse, rho_out, rho_t, lse_d) if t is not None), None)
     if f32_anchor is None:
         f32_anchor = torch.empty(1, device=dev, dtype=torch.float32)
     i32_anchor = kv_num
-    strided = [t for t in (q, k, v, out, res_in.expand(b, h, sq, d) if res_in is not None else None) if t is not None]
-    align = row_alignment(*strided)
+    align = row_alignment(*(t for t in (q, k, v, out, res_t) if t is not None))
 
     args = [
         q, k, v, out if out is not None else anchor, lse if lse is not None else f32_anchor,
         kv_num, kv_idx, order,
-        rho_t if rho_t is not None else f32_anchor, res_t,
+        rho_t if rho_t is not None else f32_anchor, res_t if res_t is not None else anchor,
         rho_out if rho_out is not None else f32_anchor, lse_d if lse_d is not None else f32_anchor,
         flag if flag is not None else i32_anchor, scratch if scratch is not None else i32_anchor,
         *q.stride(), *k.stride(), *v.stride(),
         *(out.stride() if out is not None else (0, 0, 0, 0)),
-        *(res_t.stride() if res_in is not None else (0, 0, 0, 0)),
+        *(res_t.stride() if res_t is not None else (0, 0, 0, 0)),
         *n_strides, *i_strides,
         *(rho_t.stride() if rho_t is not None else (0, 0, 0)),
         *(lse_d.stride() if lse_d is not None else (0, 0, 0)),
@@ -508,6 +507,13 @@ def prepare(
     )
     grid = (b * h * n_tiles,)
     return Launch(grid, args, constexprs, cfg, out, lse, rho_out, flag)
+
+
+def _full(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """``t`` (B|1, H|1, ...) broadcast to (b, h, ...) (a view; no copy)."""
+    if t.shape[0] == b and t.shape[1] == h:
+        return t
+    return t.expand(b, h, *t.shape[2:])
 
 
 def _check(q, layout):
