@@ -316,25 +316,27 @@ def test_finite_flag_sees_nan_inf_and_dtype_overflow(backend):
 
 @pytest.mark.parametrize("dtype,rdt", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                        (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
-@pytest.mark.parametrize("head_dim,seq", [(64, 200), (72, 130), (256, 77)])
-def test_fused_cache_step_matches_reference(dtype, rdt, head_dim, seq):
+@pytest.mark.parametrize("head_dim,seq,kind", [(64, 200, "per-head"), (72, 130, "broadcast"), (256, 77, "per-head")])
+def test_fused_cache_step_matches_reference(dtype, rdt, head_dim, seq, kind):
     """rho = clamp(exp(lse_s - lse_d)) and R = O_d - rho * O_s from the sparse pass's epilogue,
-    against the fp64 truth of the same formula with the tolerance rule."""
+    against the fp64 truth of the same formula with the tolerance rule (strided views, tails, a
+    broadcast layout)."""
     from rettn.attention import attention_with_lse, cache_step_attention
     from rettn.kernels.reference import RHO_FLOOR, cache_statistics
 
     q, k, v = _bshd(2, 2, seq, head_dim, dtype, seed=seq)
-    layout = random_layout(2, 2, seq, seq, BLOCK, seed=seq, device=DEVICE)
+    lb, lh = (1, 1) if kind == "broadcast" else (2, 2)
+    layout = random_layout(lb, lh, seq, seq, BLOCK, seed=seq, device=DEVICE)
     results = {be: cache_step_attention(q, k, v, layout, residual_dtype=rdt, check_finite=True, backend=be)
                for be in ("torch", "triton")}
     out_d, _ = attention_with_lse(q, k, v)
     q64, k64, v64 = (t.double() for t in (q, k, v))
-    o_s, lse_s = block_sparse_reference(q64, k64, v64, layout, compute_dtype=torch.float64)
+    o_s, lse_s = block_sparse_reference(q64, k64, v64, layout.expand(2, 2), compute_dtype=torch.float64)
     _, lse_d = masked_attention_reference(q64, k64, v64, None, compute_dtype=torch.float64)
     rho_true = torch.exp(lse_s.double() - lse_d.double()).clamp(RHO_FLOOR, 1.0)
     r_true = out_d.double() - rho_true.unsqueeze(-1) * o_s.double()
     # torch in q's dtype: both passes computed in q's dtype, then the same formula
-    o_s_dt, lse_s_dt = block_sparse_reference(q, k, v, layout, compute_dtype=dtype)
+    o_s_dt, lse_s_dt = block_sparse_reference(q, k, v, layout.expand(2, 2), compute_dtype=dtype)
     _, lse_d_dt = masked_attention_reference(q, k, v, None, compute_dtype=dtype)
     rho_dt, r_dt = cache_statistics(out_d, lse_d_dt, o_s_dt, lse_s_dt, True, rdt)
     out, rho, residual, finite = results["triton"]
@@ -437,3 +439,24 @@ def test_kernels_and_bytes_per_call_at_the_cogvideox_2b_shape():
     assert counts["cache step, fused"]["bytes"] < counts["cache step, old"]["bytes"] / 3
     assert counts["sparse step, fused"]["bytes"] < counts["sparse step, old"]["bytes"] / 2
     assert counts["cache step, fused"]["estimate_vs_dense_step"] <= 1.15
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_step_ops_fake_and_schema(backend):
+    """torch.library.opcheck on rettn::sparse_step and rettn::cache_step: schema, fake
+    implementation and AOT dispatch agree with the kernels (what torch.compile relies on)."""
+    q, k, v = qkv(1, 2, 100, 16, device=DEVICE, seed=40)
+    layout = random_layout(1, 2, 100, 100, 32, seed=40, device=DEVICE)
+    n, idx = layout.kv_num_blocks, layout.kv_indices
+    rho = (torch.rand(1, 2, 100) * 0.5 + 0.5).to(DEVICE)
+    residual = (torch.randn(1, 2, 100, 16) * 0.1).to(DEVICE)
+    out_d, lse_d = rettn.attention_with_lse(q, k, v)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in [(q, k, v, n, idx, 32, 32, 0.25, backend, rho, residual, 0.04, True, True),
+                 (qt, k, v, n, idx, 32, 32, 0.25, backend, None, residual, 0.0, False, False),
+                 (q, k, v, n, idx, 32, 32, 0.25, backend, rho, None, 0.0, True, True)]:
+        torch.library.opcheck(torch.ops.rettn.sparse_step.default, args)
+    for args in [(q, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, True, torch.float16, True),
+                 (qt, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, False, torch.float32, False),
+                 (q, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, True, None, True)]:
+        torch.library.opcheck(torch.ops.rettn.cache_step.default, args)
