@@ -276,3 +276,90 @@ def attention_with_lse(q, k, v, scale=None, backend=None):
             backend = "sdpa:cpu"
         return _call(q, k, v, None, scale, backend, True)
     return _call(q, k, v, None, scale, _resolve_backend(backend, q, None), True)
+
+
+# ------------------------------------------------------------------ Re-ttention's fused steps
+_RESIDUAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_stat(name, t, q, dims):
+    """``t`` must broadcast to q's leading ``dims`` dims (B|1, H|1, Sq[, D])."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    want = tuple(q.shape[:dims])
+    if t.dim() != dims or t.shape[2:] != want[2:] or any(n not in (1, w) for n, w in zip(t.shape[:2], want[:2])):
+        raise ValueError(f"{name} must have shape {want} (batch and heads may be 1), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def sparse_step_attention(q, k, v, layout, rho=None, residual=None, scale=None, ramp=0.0, clamp_rho=True,
+                          check_finite=False, backend=None):
+    """Re-ttention's sparse step: ``out = clamp(rho) * block_sparse_attention(q, k, v, layout) + residual``.
+
+    Args:
+        rho: (B, H, Sq) the cached rho (float32; None: 1), moved to q's device if needed.
+        residual: (B, H, Sq, D) the cached R (any float dtype; None: 0).
+        ramp: returned ``rho_next = rho + ramp`` (the cached rho for the next sparse step).
+        clamp_rho: clamp the rho used to [RHO_FLOOR, 1] (the cached value is not clamped).
+        check_finite: also return a 0-d bool tensor, True when ``out`` is all finite (no sync).
+
+    Returns ``(out, rho_next, finite)``: ``rho_next`` None when ``ramp`` is 0 or rho is None,
+    ``finite`` None unless ``check_finite``. On the Triton backend this is one kernel launch (the
+    rescale, residual, ramp, clamp and finite check in its epilogue); other backends run the same
+    math after the kernel. Under ``torch.compile`` it is the custom op ``rettn::sparse_step``.
+    """
+    _check_qkv(q, k, v)
+    _check_layout(layout, q, k)
+    scale = _scale(scale, q)
+    if rho is not None:
+        _check_stat("rho", rho, q, 3)
+        rho = rho.to(q.device, non_blocking=True)
+    if residual is not None:
+        _check_stat("residual", residual, q, 4)
+        residual = residual.to(q.device, non_blocking=True)
+    ramp = float(ramp)
+    if not ramp >= 0 or ramp == float("inf"):
+        raise ValueError(f"ramp must be a finite number >= 0, got {ramp}")
+    backend = _resolve_backend(backend, q, layout)
+    args = (q, k, v, layout, scale, backend, rho, residual, ramp, bool(clamp_rho), bool(check_finite))
+    if not torch.compiler.is_compiling() or _needs_autograd(q, k, v, rho, residual):
+        return ops.sparse_step_outputs(*args)  # eager: no custom-op dispatch (host time per call)
+    out, rho_next, ok = torch.ops.rettn.sparse_step(
+        q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, *args[4:])
+    return out, (rho_next if rho is not None and ramp else None), (ok if check_finite else None)
+
+
+def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual=True, residual_dtype=None,
+                         check_finite=False, backend=None):
+    """Re-ttention's cache step: dense attention and the statistics of ``layout``'s blocks.
+
+    ``out_dense, lse_dense = attention_with_lse(q, k, v)``; ``rho = clamp(exp(lse_sparse -
+    lse_dense), RHO_FLOOR, 1)``; ``residual = out_dense - rho * out_sparse`` (``out_dense -
+    out_sparse`` when ``use_rho`` is False) in ``residual_dtype`` (default q's dtype).
+
+    Returns ``(out_dense, rho, residual, finite)``: ``rho`` (B, H, Sq) float32 or None without
+    ``use_rho``, ``residual`` or None without ``use_residual``, ``finite`` a 0-d bool tensor (True
+    when ``out_dense`` is all finite; no sync) or None unless ``check_finite``. On the Triton
+    backend the statistics are one sparse launch after the dense pass (rho and R in its epilogue;
+    the sparse output is never stored); other backends compute them with torch after the kernels.
+    Under ``torch.compile`` the statistics are the custom op ``rettn::cache_step``.
+    """
+    _check_qkv(q, k, v)
+    _check_layout(layout, q, k)
+    scale = _scale(scale, q)
+    if residual_dtype is not None and residual_dtype not in _RESIDUAL_DTYPES:
+        raise TypeError(f"residual_dtype must be one of {_RESIDUAL_DTYPES} or None, got {residual_dtype!r}")
+    backend = _resolve_backend(backend, q, layout)
+    out_dense, lse_dense = attention_with_lse(q, k, v, scale=scale)
+    rdt = (residual_dtype or q.dtype) if use_residual else None
+    if not use_rho and rdt is None:  # nothing to cache: only the finite check
+        return out_dense, None, None, (torch.isfinite(out_dense).all() if check_finite else None)
+    args = (q, k, v, layout, scale, backend, out_dense, lse_dense, bool(use_rho), rdt, bool(check_finite))
+    if not torch.compiler.is_compiling() or _needs_autograd(q, k, v):
+        rho, residual, ok = ops.cache_step_outputs(*args)  # eager: no custom-op dispatch
+    else:
+        rho, residual, ok = torch.ops.rettn.cache_step(
+            q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, *args[4:])
+    return (out_dense, rho if use_rho else None, residual if rdt is not None else None,
+            ok if check_finite else None)

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import selection
-from .attention import attention_with_lse, backend_choices, block_sparse_attention, sparse_attention_rescaled
+from .attention import attention_with_lse, backend_choices, cache_step_attention, sparse_step_attention
 from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
+from .kernels.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
 from .layout import BlockSparseLayout
 from .residual import ResidualStore
-
-RHO_FLOOR = 1e-6
 
 
 def _bytes(n: float) -> str:
@@ -79,6 +78,7 @@ class CacheEntry:
     rho: torch.Tensor | None  # (B, H, Sq) float32; advanced by the ramp after each sparse step
     residual: torch.Tensor | None  # (B, H, Sq, D)
     shape: tuple
+    finite: torch.Tensor | None = None  # 0-d bool from the cache step's kernel: O_dense all finite
 
     @property
     def nbytes(self) -> int:
@@ -538,7 +538,7 @@ class Engine:
         if kind == "cache":
             out, entry = self._cache_step(q, k, v, scale, info)
             slot.entries[key] = entry
-            slot.pending.append((entry.density, self._finite(out)))
+            slot.pending.append((entry.density, self._finite(out, entry.finite)))
             return out
         return self._sparse_step(q, k, v, scale, info, slot, entry)
 
@@ -547,23 +547,19 @@ class Engine:
         with self.region("selection", q.device):
             layout = self._layout(q, k, info)
             density = layout.density_tensor()
-        rho = residual = None
+        rho = residual = finite = None
         if cfg.use_rho or cfg.use_residual:
-            with self.region("attention", q.device):
-                out_d, lse_d = attention_with_lse(q, k, v, scale=scale)
-                out_s, lse_s = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True,
-                                                      backend=cfg.backend)
-            with self.region("bookkeeping", q.device):
-                rho_full = torch.exp(lse_s - lse_d).clamp_(RHO_FLOOR, 1.0)
-                rho = rho_full if cfg.use_rho else None
-                if cfg.use_residual:
-                    weight = rho_full if cfg.use_rho else torch.ones_like(rho_full)
-                    r = out_d.float() - weight.unsqueeze(-1) * out_s.float()
-                    rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
-                    residual = self.residuals.put(r, rdt)
+            rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
+            with self.region("attention", q.device):  # dense pass + one sparse pass with rho, R fused
+                out_d, rho, residual, finite = cache_step_attention(
+                    q, k, v, layout, scale=scale, use_rho=cfg.use_rho, use_residual=cfg.use_residual,
+                    residual_dtype=rdt, check_finite=cfg.check_finite, backend=cfg.backend)
+            if residual is not None and cfg.residual_device is not None:
+                with self.region("bookkeeping", q.device):  # offload (rho, 1/D of R, stays)
+                    residual = self.residuals.put(residual, rdt)
         else:
             out_d = None  # plain sparse: the model's own dense attention runs at cache steps
-        return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape))
+        return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape), finite)
 
     def _sparse_step(self, q, k, v, scale, info, slot: LayerSlot, entry: CacheEntry):
         cfg = self.config
@@ -573,39 +569,30 @@ class Engine:
                 density = layout.density_tensor()
         else:
             layout, density = entry.layout, entry.density
-        if entry.rho is None and entry.residual is None:
-            with self.region("attention", q.device):
-                out = block_sparse_attention(q, k, v, layout, scale=scale, backend=cfg.backend)
-            slot.pending.append((density, self._finite(out)))
-            return self._log_error(q, k, v, scale, info, out)
-        b, h, s, d = q.shape
-        with self.region("bookkeeping", q.device):
-            if entry.rho is not None:
-                # the n-th sparse step after the cache step uses rho_c + (n - 1) * ramp: the
-                # entry's rho advances by one ramp after each use (no step counter in the
-                # computation, so a compiled graph serves every sparse step)
-                rho = entry.rho.to(q.device)
-                if cfg.ramp:
-                    entry.rho = entry.rho + cfg.ramp
-                if cfg.clamp_rho:
-                    rho = rho.clamp(RHO_FLOOR, 1.0)
-            else:
-                rho = torch.ones(b, h, s, device=q.device)
-            residual = entry.residual
-            if residual is None:
-                residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
-            residual = self.residuals.fetch(residual, q.device)
-        with self.region("attention", q.device):  # rescale + residual fused on Triton
-            out = sparse_attention_rescaled(q, k, v, layout, rho, residual, scale=scale, backend=cfg.backend)
-        slot.pending.append((density, self._finite(out)))
+        # the n-th sparse step after the cache step uses rho_c + (n - 1) * ramp: the entry's rho
+        # advances by one ramp after each use (no step counter in the computation, so a compiled
+        # graph serves every sparse step); the kernel writes the advanced rho itself.
+        rho, residual = entry.rho, entry.residual
+        if residual is not None and residual.device != q.device:
+            with self.region("bookkeeping", q.device):  # offloaded R back (prefetched on CUDA)
+                residual = self.residuals.fetch(residual, q.device)
+        on_device = rho is not None and rho.device == q.device
+        with self.region("attention", q.device):  # rescale, residual, ramp, clamp, check: one kernel
+            out, rho_next, finite = sparse_step_attention(
+                q, k, v, layout, rho, residual, scale=scale, ramp=cfg.ramp if on_device else 0.0,
+                clamp_rho=cfg.clamp_rho, check_finite=cfg.check_finite, backend=cfg.backend)
+        if rho is not None and cfg.ramp:
+            entry.rho = rho_next if on_device else rho + cfg.ramp
+        slot.pending.append((density, finite))
         return self._log_error(q, k, v, scale, info, out)
 
-    def _finite(self, out):
-        """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? None when the
-        check is off or the model's own attention produced the output."""
+    def _finite(self, out, flag=None):
+        """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? ``flag`` is
+        that answer when a kernel already wrote it (the fused steps). None when the check is off
+        or the model's own attention produced the output."""
         if out is None or not self.config.check_finite:
             return None
-        return torch.isfinite(out).all()
+        return torch.isfinite(out).all() if flag is None else flag
 
     def _log_error(self, q, k, v, scale, info, out):
         """With ``error_log`` on: the relative L2 error of this sparse-step output against dense

@@ -225,7 +225,8 @@ def _as_h200(torch):
     cuda = torch.cuda
     patches = {"is_available": lambda: True, "get_device_capability": lambda *a, **k: (9, 0),
                "get_device_properties": lambda *a, **k: _H200, "get_device_name": lambda *a, **k: _H200.name,
-               "current_device": lambda: 0, "device_count": lambda: 1}
+               "current_device": lambda: 0, "device_count": lambda: 1,
+               "current_stream": lambda *a, **k: types.SimpleNamespace(cuda_stream=0)}
     saved = {n: getattr(cuda, n) for n in patches}
     try:
         for n, f in patches.items():

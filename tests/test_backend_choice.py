@@ -294,7 +294,9 @@ def test_tile_options_divide_the_blocks_default_first():
     assert choice.tile_options(128, 128, 64, "cuda") == [(128, 64), (64, 64), (128, 32)]
     assert choice.tile_options(64, 64, 64, "cuda") == [(64, 64), (64, 32)]
     assert choice.tile_options(128, 128, 256, "cuda") == [(64, 32), (32, 32), (64, 64)]
-    assert choice.tile_options(128, 128, 64, "cpu")[0] == triton_sparse._tiles(128, 128, 64, torch.device("cpu"))[:2]
+    own = triton_sparse.tile_config((8, 0), 128, torch.bfloat16, 128, 128, "step")  # the kernel's own pick first
+    assert choice.tile_options(128, 128, 128, "cuda", (own.block_m, own.block_n))[0] == (own.block_m, own.block_n)
+    assert len(choice.tile_options(128, 128, 128, "cuda", (128, 32))) == 3
     assert choice.parse("triton:128x64") == ("triton", (128, 64)) and choice.parse("torch") == ("torch", None)
     assert choice.parse("triton") == ("triton", None) and choice.parse("sdpa:flash") == ("sdpa", "flash")
 

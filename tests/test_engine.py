@@ -199,3 +199,67 @@ def test_error_log_measures_sparse_step_error():
     (s1, l1, e1), (s2, _, e2) = eng.error_log
     assert (s1, l1, s2) == (1, 0, 2)
     assert e1 < 1e-5 < e2 < 1.0
+
+
+# ---------------------------------------------------------------------------------- fused steps
+def _run_steps(backend, q, k, v, **kw):
+    eng = engine(keep=0.25, ramp=0.04, refresh_interval=10, backend=backend, **kw)
+    outs, rhos = [], []
+    for t in (900.0, 800.0, 700.0, 600.0):  # cache, then three sparse steps
+        outs.append(call(eng, t, q, k, v))
+        rhos.append(eng.cache[(0, 0, None)].rho.clone())
+    eng.flush()
+    return eng, outs, rhos
+
+
+@pytest.mark.parametrize("residual_dtype", [None, "float16"])
+def test_triton_engine_matches_torch_engine(residual_dtype, monkeypatch):
+    """The fused kernels (rho and R in the cache step's sparse pass; clamp, ramp, residual and the
+    finite flag in the sparse step's epilogue) give the torch path's results, and never call
+    torch.isfinite (the flag comes from the kernel)."""
+    q, k, v = qkv(1, 2, 200, 64, seed=20)
+    _, ref_outs, ref_rhos = _run_steps("torch", q, k, v, residual_dtype=residual_dtype)
+
+    def no_isfinite(*a, **kw):
+        raise AssertionError("torch.isfinite called on the triton path")
+
+    monkeypatch.setattr(torch, "isfinite", no_isfinite)
+    eng, outs, rhos = _run_steps("triton", q, k, v, residual_dtype=residual_dtype)
+    assert eng.stats().kinds() == ["cache", "sparse", "sparse", "sparse"]
+    tol = 2e-5 if residual_dtype is None else 1e-3  # R rounded to fp16 can differ by one fp16 ulp
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    for a, b in zip(rhos, ref_rhos):  # rho_c, rho_c + ramp, rho_c + 2 ramp, ... (unclamped)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rhos[3], rhos[0] + 3 * 0.04, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_at_a_sparse_step_raises_at_the_forwards_end(backend):
+    q, k, v = qkv(1, 2, 128, 32, seed=21)
+    eng = engine(backend=backend)
+    call(eng, 900.0, q, k, v)  # cache
+    bad = q.clone()
+    bad[0, 1, 100, 5] = float("nan")
+    call(eng, 800.0, bad, k, v)  # sparse: no error inside the call
+    with pytest.raises(FloatingPointError, match=r"layer\(s\) \[0\] at step 1 \(sparse step"):
+        eng.flush()
+
+
+def test_attention_calls_read_nothing_back_from_the_device(monkeypatch):
+    """No device sync inside a cache or sparse step's attention call on the Triton path (top-k
+    selection every step included): the statistics, the ramp and the finite flag stay on the
+    device until the forward's end (one read in flush). (The torch path reads its block counts
+    to size its chunks: a CPU path.)"""
+    q, k, v = qkv(1, 2, 128, 32, seed=22)
+    eng = engine(backend="triton", reselect="step")
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real: reads.append(_n) or _r(self, *a))
+    for t in (900.0, 800.0, 700.0):
+        eng.on_forward(t)
+        reads.clear()
+        eng.attend(q, k, v, 32**-0.5, CallInfo(layer=0, kind="self"))
+        assert reads == [], (t, reads)
+    eng.flush()

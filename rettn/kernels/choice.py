@@ -108,21 +108,25 @@ def triton_reason(q: torch.Tensor, layout) -> str | None:
     return None
 
 
-def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str) -> list[tuple[int, int]]:
-    """Tile shapes (BLOCK_M, BLOCK_N) to time for the Triton kernel, the kernel's default first;
-    each divides the layout's blocks (tiles larger than a block are cut to the block)."""
+def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
+                 default: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Tile shapes (BLOCK_M, BLOCK_N) to time for the Triton kernel, the kernel's default first
+    (``default``: what its dispatcher picks for this GPU, when known); each divides the layout's
+    blocks (tiles larger than a block are cut to the block)."""
     if device_type != "cuda":
         base = [(128, 128), (64, 32), (32, 16)]  # the interpreter (tests): large tiles are fastest
     elif head_dim <= 128:
         base = [(128, 64), (64, 64), (128, 32)]
     else:
         base = [(64, 32), (32, 32), (64, 64)]
+    if default is not None:
+        base = [tuple(default)] + base
     out = []
     for bm, bn in base:
         t = (min(bm, block_q), min(bn, block_k))
         if t[0] >= 16 and t[1] >= 16 and block_q % t[0] == 0 and block_k % t[1] == 0 and t not in out:
             out.append(t)
-    return out
+    return out[:3]
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,7 +172,12 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
         reason = "the triton backend needs CUDA tensors"
     if reason is None:
         bq, bk = (layout.block_q, layout.block_k) if layout is not None else ((128, 128) if dev == "cuda" else (64, 64))
-        names.extend(f"triton:{bm}x{bn}" for bm, bn in tile_options(bq, bk, q.shape[-1], dev))
+        own = None
+        if dev != "cuda" or torch.cuda.is_available():  # the kernel's own pick for this GPU first
+            kernel = triton_module()
+            cfg = kernel.tile_config(kernel.device_capability(q.device), q.shape[-1], q.dtype, bq, bk)
+            own = (cfg.block_m, cfg.block_n)
+        names.extend(f"triton:{bm}x{bn}" for bm, bn in tile_options(bq, bk, q.shape[-1], dev, own))
     else:
         skipped["triton"] = reason
     if layout is not None:

@@ -12,7 +12,17 @@ backend, return_lse, rho, residual) -> (out, lse)``:
 - ``out`` has q's shape, dtype and strides; ``lse`` is (B, H, Sq) float32, or empty when
   ``return_lse`` is False.
 
-Inputs are validated by the public functions in :mod:`rettn.attention`, which call this op.
+``torch.ops.rettn.sparse_step(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale,
+backend, rho, residual, ramp, clamp, check) -> (out, rho_next, finite)``: Re-ttention's sparse
+step, ``out = clamp(rho) * O_sparse + residual``, ``rho_next = rho + ramp`` and a 0-d bool
+``finite`` (one Triton launch; empty outputs where not asked for).
+
+``torch.ops.rettn.cache_step(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend,
+out_dense, lse_dense, use_rho, residual_dtype, check) -> (rho, residual, finite)``: a cache
+step's statistics from the dense pass's output and lse (one Triton launch: the sparse pass with
+rho and R in its epilogue).
+
+Inputs are validated by the public functions in :mod:`rettn.attention`, which call these ops.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import torch
 
 from ..layout import BlockSparseLayout
 from . import choice, dense
-from .reference import masked_attention_reference
+from .reference import cache_statistics, masked_attention_reference, step_rho
 from .torch_sparse import torch_block_sparse_attention
 
 
@@ -86,3 +96,157 @@ def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend, retu
     b, h, sq, _ = q.shape
     lse = q.new_empty((b, h, sq) if return_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
+
+
+def _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k):
+    if kv_num_blocks is None:
+        return None
+    return BlockSparseLayout(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2], validate=False)
+
+
+def _fused_or_chosen(op_rho, op_residual, q, k, v, layout, scale, return_lse):
+    """``backend="auto"`` for a fused step: the chooser's pick for the same call without the
+    fusion (the rescaled step, or the sparse pass with lse); a Triton pick runs the fused kernel."""
+    def candidate(name):
+        return run(q, k, v, layout, scale, name, return_lse, op_rho, op_residual)
+
+    name = choice.resolve(q, k, v, layout, scale, return_lse, op_rho, op_residual, candidate)
+    return "triton" if name[:6] == "triton" else name
+
+
+def run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, clamp=True, check=False):
+    """The eager sparse step behind ``rettn::sparse_step``: ``(out, rho_next | None, finite | None)``."""
+    if backend == "auto":
+        b, h, s, d = q.shape
+        backend = _fused_or_chosen(torch.ones(b, h, s, device=q.device) if rho is None else rho,
+                                   torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
+                                   if residual is None else residual, q, k, v, layout, scale, False)
+    if backend == "triton":
+        from . import triton_sparse
+
+        out, rho_next, flag = triton_sparse.triton_sparse_step(q, k, v, layout, scale, rho, residual, ramp=ramp,
+                                                               clamp=clamp, check=check)
+        return out, rho_next, flag
+    rho_next = None
+    if rho is None and residual is None:
+        out, _ = run(q, k, v, layout, scale, backend, False)
+    else:
+        b, h, s, d = q.shape
+        if rho is None:
+            rho_use = torch.ones(b, h, s, device=q.device)
+        else:
+            rho_use, rho_next = step_rho(rho, ramp, clamp)
+        if residual is None:
+            residual = torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
+        out, _ = run(q, k, v, layout, scale, backend, False, rho_use, residual)
+    return out, rho_next, (torch.isfinite(out).all() if check else None)
+
+
+def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho=True, residual_dtype=None,
+                   check=False):
+    """The eager cache step behind ``rettn::cache_step``: ``(rho | None, residual | None, finite | None)``."""
+    if backend == "auto":
+        backend = _fused_or_chosen(None, None, q, k, v, layout, scale, True)
+    if backend == "triton":
+        from . import triton_sparse
+
+        rho, residual, flag = triton_sparse.triton_cache_step(q, k, v, layout, scale, out_dense, lse_dense,
+                                                              use_rho=use_rho, residual_dtype=residual_dtype,
+                                                              check=check)
+        return rho, residual, flag
+    out_s, lse_s = run(q, k, v, layout, scale, backend, True)
+    rho, residual = cache_statistics(out_dense, lse_dense, out_s, lse_s, use_rho, residual_dtype)
+    return rho, residual, (torch.isfinite(out_dense).all() if check else None)
+
+
+def sparse_step_outputs(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, clamp=True, check=False):
+    """:func:`run_sparse_step` with the op's output contract (out with q's strides, rho_next
+    (B, H, Sq)): what ``rettn::sparse_step`` returns, None where it returns an empty tensor.
+    Eager callers use it directly (the custom op's dispatch costs host time per call)."""
+    out, rho_next, ok = run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp, clamp, check)
+    if out.stride() != q.stride():
+        out = torch.empty_like(q).copy_(out)
+    b, h, sq, _ = q.shape
+    if rho_next is not None and tuple(rho_next.shape) != (b, h, sq):  # a broadcast rho: full, as the fake says
+        rho_next = rho_next.expand(b, h, sq).contiguous()
+    return out, rho_next, ok
+
+
+def cache_step_outputs(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho=True, residual_dtype=None,
+                       check=False):
+    """:func:`run_cache_step` with the op's output contract (residual with q's strides)."""
+    rho, residual, ok = run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
+                                       residual_dtype, check)
+    if residual is not None and residual.stride() != q.stride():
+        residual = torch.empty_like(q, dtype=residual.dtype).copy_(residual)
+    return rho, residual, ok
+
+
+def _or_empty(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("rettn::sparse_step", mutates_args=())
+def sparse_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    backend: str,
+    rho: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    ramp: float,
+    clamp: bool,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k)
+    out, rho_next, ok = sparse_step_outputs(q, k, v, layout, scale, backend, rho, residual, ramp, clamp, check)
+    f32 = q.new_empty(0, dtype=torch.float32)
+    return out, _or_empty(rho_next, f32), _or_empty(ok, q.new_empty(0, dtype=torch.bool))
+
+
+@sparse_step.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend, rho, residual, ramp, clamp, check):
+    b, h, sq, _ = q.shape
+    rho_next = q.new_empty((b, h, sq) if (rho is not None and ramp) else (0,), dtype=torch.float32)
+    ok = q.new_empty(() if check else (0,), dtype=torch.bool)
+    return torch.empty_like(q), rho_next, ok
+
+
+@torch.library.custom_op("rettn::cache_step", mutates_args=())
+def cache_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    backend: str,
+    out_dense: torch.Tensor,
+    lse_dense: torch.Tensor,
+    use_rho: bool,
+    residual_dtype: torch.dtype | None,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k)
+    rho, residual, ok = cache_step_outputs(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
+                                           residual_dtype, check)
+    f32 = q.new_empty(0, dtype=torch.float32)
+    return (_or_empty(rho, f32), _or_empty(residual, q.new_empty(0, dtype=residual_dtype or q.dtype)),
+            _or_empty(ok, q.new_empty(0, dtype=torch.bool)))
+
+
+@cache_step.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend, out_dense, lse_dense, use_rho,
+      residual_dtype, check):
+    b, h, sq, _ = q.shape
+    rho = q.new_empty((b, h, sq) if use_rho else (0,), dtype=torch.float32)
+    residual = torch.empty_like(q, dtype=residual_dtype) if residual_dtype is not None else q.new_empty(0)
+    ok = q.new_empty(() if check else (0,), dtype=torch.bool)
+    return rho, residual, ok

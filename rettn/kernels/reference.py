@@ -52,3 +52,32 @@ def layout_token_mask(layout: BlockSparseLayout) -> torch.Tensor:
 def block_sparse_reference(q, k, v, layout: BlockSparseLayout, scale=None, compute_dtype=torch.float32):
     """Dense attention under the layout's token mask: the plain reference for the sparse kernels."""
     return masked_attention_reference(q, k, v, layout_token_mask(layout), scale, compute_dtype)
+
+
+# ------------------------------------------------------------------ Re-ttention's statistics
+# rho is kept in [RHO_FLOOR, 1]: the selected keys' share of the softmax denominator, never 0.
+RHO_FLOOR = 1e-6
+
+
+def cache_statistics(out_dense, lse_dense, out_sparse, lse_sparse, use_rho=True, residual_dtype=None):
+    """A cache step's ``(rho, residual)`` from the dense and sparse passes (the torch math every
+    backend but Triton's fused epilogue uses): ``rho = clamp(exp(lse_s - lse_d), RHO_FLOOR, 1)``,
+    ``residual = O_d - rho * O_s`` (``O_d - O_s`` without rho) in ``residual_dtype`` (None: no
+    residual). Returns ``rho`` only when ``use_rho``."""
+    rho_full = torch.exp(lse_sparse - lse_dense).clamp_(RHO_FLOOR, 1.0)
+    residual = None
+    if residual_dtype is not None:
+        if use_rho:
+            r = out_dense.float() - rho_full.unsqueeze(-1) * out_sparse.float()
+        else:
+            r = out_dense.float() - out_sparse.float()
+        residual = r.to(residual_dtype)
+    return (rho_full if use_rho else None), residual
+
+
+def step_rho(rho, ramp: float, clamp: bool):
+    """A sparse step's ``(rho to use, cached rho after the step)``: the n-th sparse step after a
+    cache step uses ``rho_c + (n - 1) * ramp``, clamped to [RHO_FLOOR, 1] when ``clamp``; the
+    cached value advances by ``ramp`` unclamped (None when ``ramp`` is 0)."""
+    rho_next = rho + ramp if ramp else None
+    return (rho.clamp(RHO_FLOOR, 1.0) if clamp else rho), rho_next

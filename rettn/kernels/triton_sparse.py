@@ -1,66 +1,118 @@
 """Triton forward kernel: flash-style online softmax over the selected key blocks only.
 
-Returns the output and the log-sum-exp (natural log of the softmax denominator of the scaled
-scores). The same kernel runs dense attention (every key block) when ``dense=True``.
+One kernel, three epilogues (``MODE``):
+
+- 0, plain: the output (and optionally the log-sum-exp, natural log of the softmax denominator
+  of the scaled scores). ``layout=None`` runs dense attention (every key block).
+- 1, Re-ttention sparse step: ``out = clamp(rho) * O_sparse + R``; the cached rho advanced by
+  the ramp is written to a new tensor, and a finite flag for the output.
+- 2, Re-ttention cache step: given the dense pass's ``O_dense`` and ``lse_dense``, writes
+  ``rho = clamp(exp(lse_sparse - lse_dense), RHO_FLOOR, 1)`` and ``R = O_dense - rho * O_sparse``
+  (in the residual's dtype) and a finite flag for ``O_dense``; the sparse output itself is never
+  stored.
+
+The finite flag costs no extra kernel: each program ORs "saw a NaN/inf" into a per-stream scratch
+word and counts itself done; the last program writes the 0-d flag (1 = all finite) and returns
+the scratch to zero for the next launch on that stream.
+
+Programs run heaviest first: the query tiles are launched in decreasing order of their key-block
+count (dense text rows before video rows), an order computed once per layout tensor and cached.
+
+The head dim is a compile-time constant and the row alignment (the largest power of two, up to
+16 elements, dividing every stride) is passed as a hint, so head dims like 72 (PixArt) still get
+16-byte vectorised, pipelined K/V loads. Tiles depend on the GPU's compute capability so that the
+shared memory they need fits each architecture (:func:`tile_config`).
+
 Tested against ``reference.block_sparse_reference`` and ``torch_sparse`` (under
-``TRITON_INTERPRET=1`` on CPU).
+``TRITON_INTERPRET=1`` on CPU) and compiled ahead of time for sm_80/86/90 by ``kernels.aot``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import BlockSparseLayout
+from .reference import RHO_FLOOR
 
 _LOG2E = 1.4426950408889634
+_FLOOR = tl.constexpr(RHO_FLOOR)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MODES = {"plain": 0, "step": 1, "cache": 2}
+# Smallest float32 magnitude that rounds (to nearest even) to inf in each dtype: the finite check
+# runs on the float32 value before the store, so it sees what the stored tensor will hold.
+FINITE_LIMIT = {torch.float16: 65520.0, torch.bfloat16: float(2**128 - 2**119), torch.float32: float("inf")}
 
 
 @triton.jit
-def _block_sparse_fwd(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, RHO, RES,
+def _attn_fwd(
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, ORDER,
+    RHO, RES, RHO_OUT, LSE_D, FLAG, SCRATCH,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     s_ob, s_oh, s_os, s_od,
+    s_rb, s_rh, s_rs, s_rd,
     s_nb, s_nh, s_nq,
     s_ib, s_ih, s_iq, s_ik,
-    s_rb, s_rh, s_rs, s_rd,
-    H, SEQ_Q, SEQ_K, HEAD_D, qk_scale,
-    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DENSE: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EPILOGUE: tl.constexpr,
+    s_pb, s_ph, s_ps,
+    s_lb, s_lh, s_ls,
+    H, SEQ_Q, SEQ_K, N_TILES, qk_scale, ramp,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr, ORDERED: tl.constexpr, STORE_LSE: tl.constexpr, MODE: tl.constexpr,
+    HAS_RHO: tl.constexpr, HAS_RES: tl.constexpr, CLAMP: tl.constexpr, RAMP: tl.constexpr,
+    CHECK: tl.constexpr, FINITE_LIMIT: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # RES is R (MODE 1) or O_dense (MODE 2); O is the output (MODE 0/1) or R (MODE 2).
+    pid = tl.program_id(0)
+    if ORDERED:
+        code = tl.load(ORDER + pid)
+    else:
+        code = pid
+    bh = code // N_TILES
+    tile = code % N_TILES
+    b = bh // H
+    h = bh % H
+    start_m = tile * BLOCK_M
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
     m_ok = offs_m < SEQ_Q
+    d_ok = offs_d < HEAD_D
+    md_ok = m_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(
-        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :] * s_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    # Every stride but the head dim's is a multiple of ALIGN elements: the hint lets the compiler
+    # vectorise rows whose length (e.g. 72) it could not otherwise prove aligned.
+    q_ptrs = (Q + tl.multiple_of(b * s_qb + h * s_qh, ALIGN)
+              + tl.multiple_of(offs_m * s_qs, ALIGN)[:, None] + offs_d[None, :] * s_qd)
+    q = tl.load(q_ptrs, mask=md_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    k_base = K + tl.multiple_of(b * s_kb + h * s_kh, ALIGN)
+    v_base = V + tl.multiple_of(b * s_vb + h * s_vh, ALIGN)
+    r_ptrs = (RES + tl.multiple_of(b * s_rb + h * s_rh, ALIGN)
+              + tl.multiple_of(offs_m * s_rs, ALIGN)[:, None] + offs_d[None, :] * s_rd)
+    rho_ptrs = RHO + b * s_pb + h * s_ph + offs_m * s_ps
+    if MODE == 1:
+        if PREFETCH:  # issued before the loop: their latency hides behind the key blocks
+            if HAS_RHO:
+                rho = tl.load(rho_ptrs, mask=m_ok, other=1.0)
+            if HAS_RES:
+                res = tl.load(r_ptrs, mask=md_ok, other=0.0)
 
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    row = (pid_m * BLOCK_M) // LAYOUT_BQ
+    row = start_m // LAYOUT_BQ
     if DENSE:
         n_blocks = tl.cdiv(SEQ_K, LAYOUT_BK)
     else:
@@ -80,16 +132,11 @@ def _block_sparse_fwd(
             kb = tl.load(idx_base + (t // SUB) * s_ik)
         cols = kb * LAYOUT_BK + (t % SUB) * BLOCK_N + offs_n
         n_ok = cols < SEQ_K
-        k = tl.load(
-            k_base + cols[:, None] * s_ks + offs_d[None, :] * s_kd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * s_vs + offs_d[None, :] * s_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        nd_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tl.multiple_of(cols * s_ks, ALIGN)[:, None] + offs_d[None, :] * s_kd,
+                    mask=nd_ok, other=0.0)
+        v = tl.load(v_base + tl.multiple_of(cols * s_vs, ALIGN)[:, None] + offs_d[None, :] * s_vd,
+                    mask=nd_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -102,23 +149,68 @@ def _block_sparse_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    if EPILOGUE:  # Re-ttention sparse step: out = rho * O_sparse + R, fused
-        rho = tl.load(RHO + pid_bh * SEQ_Q + offs_m, mask=m_ok, other=1.0)
-        res = tl.load(
-            RES + b * s_rb + h * s_rh + offs_m[:, None] * s_rs + offs_d[None, :] * s_rd,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * rho[:, None] + res
-    tl.store(
-        O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
-        acc.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    o_s = acc / l_i[:, None]
+    lse2 = m_i + tl.log2(l_i)  # base-2 log-sum-exp of the sparse scores
+    o_ptrs = (O + tl.multiple_of(b * s_ob + h * s_oh, ALIGN)
+              + tl.multiple_of(offs_m * s_os, ALIGN)[:, None] + offs_d[None, :] * s_od)
+    row_ptrs = bh * SEQ_Q + offs_m  # LSE and RHO_OUT: contiguous (B, H, Sq)
+    if MODE == 0:
+        checked = o_s
+        if UPCAST:  # the interpreter truncates float32 -> bfloat16: round to nearest even as GPUs do
+            if O.dtype.element_ty == tl.bfloat16:
+                bits = o_s.to(tl.uint32, bitcast=True)
+                o_s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(o_ptrs, o_s.to(O.dtype.element_ty), mask=md_ok)
+    elif MODE == 1:
+        out = o_s
+        if HAS_RHO:
+            if not PREFETCH:
+                rho = tl.load(rho_ptrs, mask=m_ok, other=1.0)
+            if RAMP:  # the cached rho after this step: advanced by one ramp, not clamped
+                tl.store(RHO_OUT + row_ptrs, rho + ramp, mask=m_ok)
+            if CLAMP:
+                rho = tl.minimum(tl.maximum(rho, _FLOOR), 1.0)
+            out = out * rho[:, None]
+        if HAS_RES:
+            if not PREFETCH:
+                res = tl.load(r_ptrs, mask=md_ok, other=0.0)
+            out = out + res.to(tl.float32)
+        checked = out
+        if UPCAST:  # as above
+            if O.dtype.element_ty == tl.bfloat16:
+                bits = out.to(tl.uint32, bitcast=True)
+                out = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=md_ok)
+    else:
+        lse_d = tl.load(LSE_D + b * s_lb + h * s_lh + offs_m * s_ls, mask=m_ok, other=0.0)
+        w = tl.exp2(lse2 - lse_d * 1.4426950408889634)
+        w = tl.minimum(tl.maximum(w, _FLOOR), 1.0)
+        if HAS_RHO:
+            tl.store(RHO_OUT + row_ptrs, w, mask=m_ok)
+        o_d = tl.load(r_ptrs, mask=md_ok, other=0.0).to(tl.float32)  # O_dense
+        checked = o_d
+        if HAS_RES:
+            if HAS_RHO:
+                r = o_d - w[:, None] * o_s
+            else:
+                r = o_d - o_s
+            if UPCAST:  # as above
+                if O.dtype.element_ty == tl.bfloat16:
+                    bits = r.to(tl.uint32, bitcast=True)
+                    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            tl.store(o_ptrs, r.to(O.dtype.element_ty), mask=md_ok)
     if STORE_LSE:
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2)
-        tl.store(LSE + pid_bh * SEQ_Q + offs_m, lse, mask=m_ok)
+        tl.store(LSE + row_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # ln(2)
+    if CHECK:  # NaN, or a value that is (or rounds to) inf in the checked tensor's dtype
+        x = checked
+        row_bad = tl.max(tl.where(d_ok[None, :] & ~(tl.abs(x) < FINITE_LIMIT), 1, 0), 1)  # NaN fails < too
+        bad = tl.max(tl.where(m_ok, row_bad, 0), 0)
+        tl.atomic_or(SCRATCH + 1, bad)
+        done = tl.atomic_add(SCRATCH, 1)  # acq_rel: every earlier program's OR is visible to the last
+        if done == tl.num_programs(0) - 1:
+            total = tl.atomic_xchg(SCRATCH + 1, 0)
+            tl.atomic_xchg(SCRATCH, 0)
+            tl.store(FLAG, total == 0)
 
 
 def interpreting() -> bool:
@@ -144,15 +236,293 @@ def unsupported_reason(q: torch.Tensor, layout: BlockSparseLayout | None) -> str
     return None
 
 
-def _tiles(block_q: int, block_k: int, head_dim: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiles divide the layout's blocks."""
-    if device.type != "cuda":  # interpreter: large tiles are fastest on CPU
-        return min(block_q, 128), min(block_k, 128), 4, 1
-    if head_dim <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
+# ------------------------------------------------------------------------------ tiles per GPU
+# Largest dynamic shared memory per block (bytes) by compute capability.
+SMEM_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+              (10, 0): 232448, (12, 0): 101376}
+
+
+def smem_limit(capability: tuple[int, int]) -> int:
+    """Shared memory a block may use on ``capability`` (unknown GPUs: the smallest Ampere+ limit)."""
+    return SMEM_LIMIT.get(tuple(capability), 101376 if tuple(capability) >= (8, 0) else 65536)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    prefetch: bool = False  # MODE 1: load R before the key loop
+
+
+def smem_estimate(cfg: TileConfig, block_d: int, elem: int, capability: tuple[int, int]) -> int:
+    """Shared memory the pipelined kernel needs: the Q tile plus K and V tiles per buffer.
+
+    Triton's Hopper pipeline (wgmma) keeps ``num_stages`` K/V buffers, the Ampere one
+    ``num_stages - 1``; on Ampere, tiles of fewer than 128 query rows also pass P through shared
+    memory (measured: triton 3.6 and 3.7.1). Checked against the compiled kernels by
+    ``kernels.aot`` (tests/test_aot.py)."""
+    hopper = tuple(capability) >= (9, 0)
+    bufs = cfg.num_stages if hopper else max(1, cfg.num_stages - 1)
+    need = cfg.block_m * block_d * elem + bufs * 2 * cfg.block_n * block_d * elem
+    if not hopper and cfg.block_m < 128:
+        need += cfg.block_m * cfg.block_n * elem
+    return need
+
+
+# Candidate tiles, best first, per padded head dim (BLOCK_D) for 16-bit inputs; the first that
+# fits the architecture's shared memory wins (see tile_config).
+_CANDIDATES_16 = {
+    16: [(128, 64, 8, 3)], 32: [(128, 64, 8, 3)], 64: [(128, 64, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    256: [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (32, 16, 4, 3)],
+}
+_CANDIDATES_32 = {  # fp32: twice the bytes per element
+    16: [(64, 64, 4, 3)], 32: [(64, 64, 4, 3)], 64: [(64, 64, 4, 3), (64, 32, 4, 2)],
+    128: [(64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    256: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+}
+
+
+def block_d_for(head_dim: int) -> int:
+    """The head dim padded to a power of two >= 16 (the kernel's lanes)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=1024)
+def tile_config(capability, head_dim: int, dtype: torch.dtype, block_q: int, block_k: int,
+                mode: str = "plain") -> TileConfig:
+    """Tiles for a GPU of ``capability`` ((major, minor); None = the CPU interpreter).
+
+    Tiles divide the layout's blocks and fit the architecture's shared memory (sm_80 163 KB,
+    sm_86/89 99 KB, sm_90 227 KB); the sparse step prefetches R into registers before the key
+    loop where registers allow it without spills (16-bit, head dim <= 64, or <= 128 on Hopper)."""
+    if capability is None:  # interpreter: large tiles are fastest on CPU
+        return TileConfig(min(block_q, 128), min(block_k, 128), 4, 1)
+    bd = block_d_for(head_dim)
+    elem = 4 if dtype == torch.float32 else 2
+    hopper = tuple(capability) >= (9, 0)
+    candidates = (_CANDIDATES_32 if elem == 4 else _CANDIDATES_16)[bd]
+    if mode in ("step", "cache") and elem == 2 and bd == 128 and not hopper:
+        candidates = [(128, 32, 8, 3)] + candidates  # 128 x 64 spills there (R, rho, check in the epilogue)
+    limit = smem_limit(capability)
+    chosen = None
+    for bm, bn, warps, stages in candidates:
+        if block_q < bm and not hopper:
+            warps = 4  # a layout block smaller than the tile: 8 warps on 64 rows spill on Ampere
+        cfg = TileConfig(min(block_q, bm), min(block_k, bn), warps, stages)
+        chosen = cfg
+        if smem_estimate(cfg, bd, elem, capability) <= limit:
+            break
+    return TileConfig(chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages,
+                      prefetch=mode == "step" and elem == 2 and (bd <= 64 or (bd <= 128 and hopper)))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device: torch.device):
+    """(major, minor) of a CUDA device, None for the CPU interpreter."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def row_alignment(*tensors) -> int:
+    """Largest power of two <= 16 dividing every non-unit stride of ``tensors`` (elements)."""
+    align = 16
+    for t in tensors:
+        for s in t.stride()[:-1]:
+            while s % align:
+                align //= 2
+    return align
+
+
+# ------------------------------------------------------------------------------ launch order
+_ORDERS: dict = {}
+
+
+def launch_order(layout: BlockSparseLayout, b: int, h: int, n_tiles: int, block_m: int) -> torch.Tensor:
+    """(b * h * n_tiles,) int64: the programs' (bh * n_tiles + tile) codes, heaviest tile first.
+
+    Cached per ``kv_num_blocks`` tensor (by identity and version), so a static layout pays the
+    sort once; a layout selected anew pays one argsort on the device (no sync)."""
+    counts = layout.kv_num_blocks
+    key = (id(counts), counts._version, b, h, n_tiles, block_m)
+    hit = _ORDERS.get(key)
+    if hit is not None and hit[0]() is counts:
+        return hit[1]
+    per_row = layout.block_q // block_m
+    if per_row > 1:  # each layout row's count for each of its tiles (an expand: no device-side repeat)
+        work = counts.unsqueeze(-1).expand(*counts.shape, per_row).reshape(*counts.shape[:2], -1).narrow(2, 0, n_tiles)
     else:
-        bm, bn, warps, stages = 64, 32, 4, 2
-    return min(block_q, bm), min(block_k, bn), warps, stages
+        work = counts
+    order = torch.argsort(work.expand(b, h, n_tiles).reshape(-1), descending=True, stable=True)
+    if len(_ORDERS) > 256:
+        for k in [k for k, (ref, _) in _ORDERS.items() if ref() is None] or list(_ORDERS)[:128]:
+            _ORDERS.pop(k, None)
+    _ORDERS[key] = (weakref.ref(counts), order)
+    return order
+
+
+# ------------------------------------------------------------------------------ finite flag scratch
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device) -> torch.Tensor:
+    """Two int32 words per (device, stream), zero between launches (the kernel's last program
+    resets them): launches on one stream run in order, so they never share the words at once."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = ("cuda", index, torch.cuda.current_stream(index).cuda_stream)
+    else:
+        key = (device.type, device.index, 0)
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = _SCRATCH[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return t
+
+
+# ------------------------------------------------------------------------------ launch
+@dataclass
+class Launch:
+    """Everything one kernel launch needs: what the dispatcher chose, before the launch."""
+
+    grid: tuple
+    args: list
+    constexprs: dict
+    config: TileConfig
+    out: torch.Tensor | None
+    lse: torch.Tensor | None
+    rho_out: torch.Tensor | None
+    flag: torch.Tensor | None
+
+    def run(self):
+        _attn_fwd[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
+                             num_stages=self.config.num_stages)
+
+
+def prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout | None,
+    scale: float,
+    *,
+    mode: str = "plain",
+    return_lse: bool = False,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    lse_dense: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    write_rho: bool = False,
+    ramp: float = 0.0,
+    clamp: bool = False,
+    check: bool = False,
+    tiles: tuple[int, int] | None = None,
+    capability="device",
+) -> Launch:
+    """Build the launch the dispatcher would make (no launch). ``capability`` overrides the GPU
+    ((major, minor)) so the ahead-of-time tier can build launches from meta tensors.
+
+    ``mode="step"``: ``rho`` (B|1, H|1, Sq) and/or ``residual`` (B|1, H|1, Sq, D); ``ramp > 0``
+    writes ``rho + ramp`` to a new tensor; ``clamp`` clamps the rho used to [RHO_FLOOR, 1].
+    ``mode="cache"``: ``residual`` is O_dense, ``lse_dense`` its lse; writes rho when
+    ``write_rho`` and R (``out_dtype``) when ``out_dtype`` is given.
+    """
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    dev = q.device
+    cap = device_capability(dev) if capability == "device" else capability
+    dense = layout is None
+    if dense:
+        block_q = block_k = 128 if cap is not None else 64
+    else:
+        block_q, block_k = layout.block_q, layout.block_k
+    cfg = tile_config(cap, d, q.dtype, block_q, block_k, mode)
+    if tiles is not None:
+        cfg = TileConfig(tiles[0], tiles[1], cfg.num_warps, cfg.num_stages, cfg.prefetch)
+    bm, bn = cfg.block_m, cfg.block_n
+    if dense:
+        block_q, block_k = bm, bn
+    assert block_q % bm == 0 and block_k % bn == 0, "tiles must divide the layout blocks"
+    n_tiles = -(-sq // bm)
+
+    i32 = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev) if dense else None  # never read
+    if dense:
+        kv_num = kv_idx = order = i32
+        n_strides, i_strides = (0, 0, 0), (0, 0, 0, 0)
+    else:
+        kv_num, kv_idx = _full(layout.kv_num_blocks, b, h), _full(layout.kv_indices, b, h)
+        n_strides, i_strides = kv_num.stride(), kv_idx.stride()
+        order = launch_order(layout, b, h, n_tiles, bm)
+
+    has_rho = rho is not None if mode == "step" else (write_rho if mode == "cache" else False)
+    has_res = residual is not None if mode == "step" else (out_dtype is not None if mode == "cache" else False)
+    if mode == "cache":
+        out = torch.empty_like(q, dtype=out_dtype) if has_res else None
+        res_in = residual  # O_dense
+    else:
+        out = torch.empty_like(q)
+        res_in = residual if has_res else None
+    lse = torch.empty(b, h, sq, device=dev, dtype=torch.float32) if return_lse else None
+    write_ramp = mode == "step" and has_rho and ramp != 0.0
+    rho_out = torch.empty(b, h, sq, device=dev, dtype=torch.float32) if (
+        write_ramp or (mode == "cache" and has_rho)) else None
+    flag = torch.empty((), device=dev, dtype=torch.bool) if check else None
+    scratch = _scratch(dev) if check else None
+
+    anchor = out if out is not None else q  # a valid pointer for arguments the kernel ignores
+    res_t = _full(res_in, b, h) if res_in is not None else None
+    rho_t = _full(rho, b, h) if (mode == "step" and has_rho) else None
+    lse_d = _full(lse_dense, b, h) if mode == "cache" else None
+    f32_anchor = next((t for t in (lse, rho_out, rho_t, lse_d) if t is not None), None)
+    if f32_anchor is None:
+        f32_anchor = torch.empty(1, device=dev, dtype=torch.float32)
+    i32_anchor = kv_num
+    align = row_alignment(*(t for t in (q, k, v, out, res_t) if t is not None))
+
+    args = [
+        q, k, v, out if out is not None else anchor, lse if lse is not None else f32_anchor,
+        kv_num, kv_idx, order,
+        rho_t if rho_t is not None else f32_anchor, res_t if res_t is not None else anchor,
+        rho_out if rho_out is not None else f32_anchor, lse_d if lse_d is not None else f32_anchor,
+        flag if flag is not None else i32_anchor, scratch if scratch is not None else i32_anchor,
+        *q.stride(), *k.stride(), *v.stride(),
+        *(out.stride() if out is not None else (0, 0, 0, 0)),
+        *(res_t.stride() if res_t is not None else (0, 0, 0, 0)),
+        *n_strides, *i_strides,
+        *(rho_t.stride() if rho_t is not None else (0, 0, 0)),
+        *(lse_d.stride() if lse_d is not None else (0, 0, 0)),
+        h, sq, sk, n_tiles, scale * _LOG2E, float(ramp),
+    ]
+    constexprs = dict(
+        HEAD_D=d, BLOCK_D=block_d_for(d), ALIGN=align,
+        LAYOUT_BQ=block_q, LAYOUT_BK=block_k, BLOCK_M=bm, BLOCK_N=bn,
+        DENSE=dense, ORDERED=not dense, STORE_LSE=return_lse, MODE=MODES[mode],
+        HAS_RHO=has_rho, HAS_RES=has_res, CLAMP=bool(clamp) and mode == "step", RAMP=write_ramp,
+        CHECK=check, FINITE_LIMIT=FINITE_LIMIT[(residual.dtype if mode == "cache" else q.dtype)] if check else 0.0,
+        PREFETCH=cfg.prefetch and (has_res or has_rho), UPCAST=cap is None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    grid = (b * h * n_tiles,)
+    return Launch(grid, args, constexprs, cfg, out, lse, rho_out, flag)
+
+
+def _full(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """``t`` (B|1, H|1, ...) broadcast to (b, h, ...) (a view; no copy)."""
+    if t.shape[0] == b and t.shape[1] == h:
+        return t
+    return t.expand(b, h, *t.shape[2:])
+
+
+def _check(q, layout):
+    reason = unsupported_reason(q, layout)
+    if reason:
+        raise ValueError(reason)
 
 
 def triton_attention(
@@ -173,54 +543,39 @@ def triton_attention(
     With ``rho`` (B, H, Sq) float32 and ``residual`` (B, H, Sq, D) the epilogue returns
     ``rho * out + residual`` (the lse stays that of the plain sparse attention).
     """
-    reason = unsupported_reason(q, layout)
-    if reason:
-        raise ValueError(reason)
-    b, h, sq, d = q.shape
-    sk = k.shape[2]
-    dense = layout is None
-    if dense:
-        block_q = block_k = 128 if q.device.type == "cuda" else 64
-    else:
-        layout = layout.expand(b, h)
-        block_q, block_k = layout.block_q, layout.block_k
-    bm, bn, warps, stages = _tiles(block_q, block_k, d, q.device)
-    if tiles is not None:
-        bm, bn = tiles
-    if dense:
-        block_q, block_k = bm, bn
-    assert block_q % bm == 0 and block_k % bn == 0, "tiles must divide the layout blocks"
+    _check(q, layout)
+    if rho is not None:
+        rho = rho.to(torch.float32)
+    mode = "step" if (rho is not None or residual is not None) else "plain"
+    launch = prepare(q, k, v, layout, scale, mode=mode, return_lse=return_lse, rho=rho, residual=residual,
+                     tiles=tiles)
+    launch.run()
+    return launch.out, launch.lse
 
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32) if return_lse else out
-    if dense:
-        kv_num = kv_idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-        n_strides, i_strides = (0, 0, 0), (0, 0, 0, 0)
-    else:
-        kv_num, kv_idx = layout.kv_num_blocks, layout.kv_indices
-        n_strides, i_strides = kv_num.stride(), kv_idx.stride()
 
-    epilogue = rho is not None
-    if epilogue:
-        rho = rho.to(torch.float32).expand(b, h, sq).contiguous()
-        residual = residual.expand(b, h, sq, d)
-        r_strides = residual.stride()
-    else:
-        rho = residual = out
-        r_strides = (0, 0, 0, 0)
+def triton_sparse_step(q, k, v, layout, scale, rho, residual, ramp=0.0, clamp=True, check=False):
+    """Re-ttention's sparse step in one launch: ``(out, rho_next, finite)``.
 
-    grid = (triton.cdiv(sq, bm), b * h)
-    _block_sparse_fwd[grid](
-        q, k, v, out, lse, kv_num, kv_idx, rho, residual,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *n_strides, *i_strides, *r_strides,
-        h, sq, sk, d, scale * _LOG2E,
-        LAYOUT_BQ=block_q, LAYOUT_BK=block_k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DENSE=dense, STORE_LSE=return_lse, EPILOGUE=epilogue,
-        UPCAST=q.device.type != "cuda",
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages,
-    )
-    return out, (lse if return_lse else None)
+    ``out = clamp(rho) * O_sparse + residual`` (either may be None: 1 and 0), ``rho_next = rho +
+    ramp`` (None when ``ramp`` is 0 or rho is None), ``finite`` a 0-d bool (True when every output
+    value is finite) or None when ``check`` is False."""
+    _check(q, layout)
+    if rho is not None:
+        rho = rho.to(torch.float32)
+    launch = prepare(q, k, v, layout, scale, mode="step", rho=rho, residual=residual, ramp=ramp, clamp=clamp,
+                     check=check)
+    launch.run()
+    return launch.out, launch.rho_out, launch.flag
 
+
+def triton_cache_step(q, k, v, layout, scale, out_dense, lse_dense, use_rho=True, residual_dtype=None,
+                      check=False):
+    """Re-ttention's cache-step statistics from the dense pass, in one sparse launch:
+    ``(rho, residual, finite)``. ``rho`` (B, H, Sq) float32 when ``use_rho``; ``residual``
+    ``O_dense - rho * O_sparse`` (``O_dense - O_sparse`` without rho) in ``residual_dtype`` when
+    given, else None; ``finite`` as in :func:`triton_sparse_step`, for ``out_dense``."""
+    _check(q, layout)
+    launch = prepare(q, k, v, layout, scale, mode="cache", residual=out_dense, lse_dense=lse_dense,
+                     out_dtype=residual_dtype, write_rho=use_rho, check=check)
+    launch.run()
+    return launch.rho_out, launch.out, launch.flag
