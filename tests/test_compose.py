@@ -89,6 +89,9 @@ def test_group_offload_and_model_cpu_offload():
 def test_set_attention_backend_serves_the_dense_calls(backend, monkeypatch):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+    # set_attention_backend also sets diffusers' process-wide active backend (reset_attention_backend
+    # does not restore it): put it back after the test, or later tests run on this backend
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     name = AttentionBackendName(backend)
     calls = []
     real = _AttentionBackendRegistry._backends[name]
