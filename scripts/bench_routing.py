@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -77,13 +78,20 @@ def main(argv=None):
                 assert handle.engine.kind == "dense"
                 handle.remove()
     med = {name: statistics.median(v) for name, v in times.items()}
+    # paired differences (each round times both variants back to back): a bootstrap 95% interval
+    # of their median says whether the overhead is above the machine's noise
+    diffs = [r - p for p, r in zip(times["without rettn"], times["rettn, dense step"])]
+    gen = random.Random(0)
+    boot = sorted(statistics.median(gen.choices(diffs, k=len(diffs))) for _ in range(2000))
+    ci_ms = (1e3 * boot[50], 1e3 * boot[1949])
     base, routed_s = med["without rettn"], med["rettn, dense step"]
     n_calls = sum(1 for n in rettn.describe(pipe).rows if n["role"] == "self")
     report = dict(
         command=" ".join([sys.executable] + sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
         rounds=args.rounds, median_ms={k: 1e3 * v for k, v in med.items()},
-        overhead_ms=1e3 * (routed_s - base), ratio=routed_s / base, self_attention_calls=n_calls,
+        overhead_ms=1e3 * (routed_s - base), paired_median_diff_ms=1e3 * statistics.median(diffs),
+        paired_diff_ci95_ms=ci_ms, ratio=routed_s / base, self_attention_calls=n_calls,
         overhead_us_per_attention_call=1e6 * (routed_s - base) / max(1, n_calls),
     )
     print(f"embedded model, one transformer forward (dense step), medians of {args.rounds} interleaved calls, "
@@ -92,6 +100,8 @@ def main(argv=None):
         print(f"  {k:20s} {v:8.3f} ms")
     print(f"  ratio {report['ratio']:.3f}, overhead {report['overhead_ms']:.3f} ms "
           f"({report['overhead_us_per_attention_call']:.0f} us per self-attention call, {n_calls} per forward)")
+    print(f"  paired difference: median {report['paired_median_diff_ms']:.3f} ms, "
+          f"95% interval [{ci_ms[0]:.3f}, {ci_ms[1]:.3f}] ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
