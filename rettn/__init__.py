@@ -1,10 +1,17 @@
-"""rettn: Re-ttention sparse attention for diffusion transformers."""
+"""rettn: Re-ttention sparse attention for diffusion transformers.
 
-from . import selection
-from .attention import BACKENDS, attention_with_lse, backend_choices, block_sparse_attention
-from .config import RettnConfig
-from .integration import RettnHandle, apply_rettention, describe
-from .layout import BlockSparseLayout
+Four floors, imports running downward only: ``rettn.ops`` (attention operations and kernels),
+``rettn.core`` (config, presets, engine), ``rettn.diffusers`` (the integration), ``rettn.tools``
+(the command line). docs/architecture.md draws them.
+"""
+
+from rettn import errors
+from rettn.core.config import RettnConfig
+from rettn.diffusers.integration import RettnHandle, apply_rettention, describe
+from rettn.ops import selection
+from rettn.ops.attention import (BACKENDS, attention_with_lse, backend_choices, block_sparse_attention,
+                                 sparse_attention_rescaled)
+from rettn.ops.layout import BlockSparseLayout
 
 __version__ = "0.1.0"
 
@@ -18,5 +25,7 @@ __all__ = [
     "backend_choices",
     "block_sparse_attention",
     "describe",
+    "errors",
     "selection",
+    "sparse_attention_rescaled",
 ]

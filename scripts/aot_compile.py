@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _compile(case):
-    from rettn.kernels import aot
+    from rettn.ops import aot
 
     try:
         r = aot.compile_case(case)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.keep_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rettn-aot-")
-    from rettn.kernels import aot
+    from rettn.ops import aot
     import triton
 
     cases = aot.full_matrix(archs=tuple(args.archs.split(",")), dtypes=tuple(args.dtypes.split(",")),

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_LAUNCH_LOG is set)
 import rettn  # noqa: E402
-from rettn import selection  # noqa: E402
-from rettn.profiler import _cpu_name, time_calls  # noqa: E402
+from rettn.ops import selection  # noqa: E402
+from rettn.tools.profile.profiler import _cpu_name, time_calls  # noqa: E402
 
 PRESETS = {
     # The CI-sized CPU target of issue 2: sparse torch path >= 4x dense SDPA at keep 1/16.
@@ -128,7 +128,7 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
     if "rettn_lse" in wanted:
         offer("rettn_lse", lambda: rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend))
     if "rettn_rescaled" in wanted:
-        offer("rettn_rescaled", lambda: rettn.attention.sparse_attention_rescaled(
+        offer("rettn_rescaled", lambda: rettn.ops.attention.sparse_attention_rescaled(
             q, k, v, layout, rho, residual, backend=backend))
     dense_out = None
     if "dense_lse" in wanted:
@@ -153,7 +153,7 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         stats = time_calls(fns, device, args.repeats, args.warmup, target_s=args.window_ms / 1e3)
-    from rettn.attention import _auto_backend
+    from rettn.ops.attention import _auto_backend
 
     row = dict(seq=seq, keep=keep, text_len=args.text_len, density=layout.density(),
                kv_blocks_per_row=float(layout.kv_num_blocks.float().mean()), num_k_blocks=layout.num_k_blocks,
@@ -204,7 +204,7 @@ def print_table(rows):
         if r["errors"]:
             print(f"            |   unavailable: {r['errors']}")
         if r["checks"]:
-            print(f"            |   checks: " + ", ".join(f"{k} {v:.3g}" for k, v in r["checks"].items()))
+            print("            |   checks: " + ", ".join(f"{k} {v:.3g}" for k, v in r["checks"].items()))
 
 
 def check_targets(preset, rows):

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_LAUNCH_LOG is set)
 import rettn  # noqa: E402
-from rettn import dummy_inputs  # noqa: E402
-from rettn.archs import arch_names, build_transformer, load_arch  # noqa: E402
-from rettn.config import RettnConfig  # noqa: E402
-from rettn.profiler import TransformerRunner, environment, with_heads  # noqa: E402
+from rettn.tools.profile import dummy_inputs  # noqa: E402
+from rettn.tools.profile.archs import arch_names, build_transformer, load_arch  # noqa: E402
+from rettn.core.config import RettnConfig  # noqa: E402
+from rettn.tools.profile.profiler import TransformerRunner, environment, with_heads  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

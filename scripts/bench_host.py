@@ -48,9 +48,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import rettn  # noqa: E402
-from rettn import selection  # noqa: E402
-from rettn.attention import sparse_attention_rescaled  # noqa: E402
-from rettn.kernels import triton_sparse  # noqa: E402
+from rettn.ops import selection  # noqa: E402
+from rettn.ops.attention import sparse_attention_rescaled  # noqa: E402
+from rettn.ops import _triton as triton_sparse  # noqa: E402
 
 TARGET_US = 50.0
 
@@ -85,7 +85,7 @@ def _per_call_us(fn, calls: int, rounds: int) -> dict:
 def _engine_case(q, k, v, scale, keep, block):
     """An engine at a sparse step with cached statistics for one layer (built by a real cache
     step through the engine's own code)."""
-    from rettn.engine import CallInfo, Engine
+    from rettn.core.engine import CallInfo, Engine
 
     cfg = rettn.RettnConfig(keep=keep, block_size=block, backend="triton", min_seq_len=1, warmup=0)
     eng = Engine(cfg, n_layers=1, family="bench")
@@ -108,7 +108,7 @@ def _auto_case(q, k, v, layout, scale, stack):
     """``backend=None`` through the measured choice (a stored Triton choice: the per-call cost of
     the chooser's lookup), as on CUDA; None where rettn has no chooser (before it existed)."""
     try:
-        from rettn.kernels import choice
+        from rettn.ops import _choice as choice
     except ImportError:
         return None
     tiles = f"triton:{layout.block_q}x{layout.block_k}"

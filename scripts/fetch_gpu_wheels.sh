@@ -14,7 +14,7 @@
 #   >=1.32,<3, numpy, regex, requests, safetensors>=0.8.0, Pillow) are all in the image;
 #   importlib_metadata is imported only on Python < 3.8.
 # - imageio-ffmpeg is left out: its wheel carries an ffmpeg binary (~30 MB) and the GPU check
-#   writes no video file (rettn.media imports it only to write MP4).
+#   writes no video file (rettn.tools.media imports it only to write MP4).
 # rettn itself travels as the working tree (gpu_check.sh puts the repo on PYTHONPATH).
 #
 # gpu_check.sh installs a wheel only when the image lacks that distribution, with --no-deps into

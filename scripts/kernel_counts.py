@@ -37,10 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rettn  # noqa: E402
-from rettn import attention as att  # noqa: E402
-from rettn import selection  # noqa: E402
-from rettn.kernels import triton_sparse  # noqa: E402
-from rettn.kernels.reference import RHO_FLOOR  # noqa: E402
+from rettn.ops import attention as att  # noqa: E402
+from rettn.ops import selection  # noqa: E402
+from rettn.ops import _triton as triton_sparse  # noqa: E402
+from rettn.ops.reference import RHO_FLOOR  # noqa: E402
 
 COGVIDEOX_2B = dict(batch=2, heads=30, seq=17776, text=226, block=128, keep=0.03125, head_dim=64)
 H200_SMS = 132
@@ -282,8 +282,8 @@ def host_time(calls: int = 2000, seq: int = 512, heads: int = 4) -> dict:
     import time
 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
-    from rettn.config import RettnConfig
-    from rettn.engine import CallInfo, Engine
+    from rettn.core.config import RettnConfig
+    from rettn.core.engine import CallInfo, Engine
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, seq, heads, 64, generator=g).transpose(1, 2) for _ in range(3))

@@ -4,7 +4,7 @@ scripts/gpu_check.sh.
 Off unless ``RETTN_LAUNCH_LOG=FILE`` is set. The GPU check sets it for each of its steps;
 ``scripts/bench_attention.py``, ``bench_compile.py`` and ``profile_latency.py`` call
 :func:`install_from_env`, and pytest loads this module as a plugin (``-p launch_log``). It wraps,
-in this process only, the ``@triton.jit`` kernels found in ``rettn.kernels.triton_sparse`` and
+in this process only, the ``@triton.jit`` kernels found in ``rettn.ops._triton`` and
 that module's public functions (``triton_attention`` and any other entry point; nothing of
 torch, nothing process-wide):
 
@@ -242,7 +242,7 @@ def install(path: str):
     global _recorder
     if _recorder is not None:
         return _recorder
-    from rettn.kernels import triton_sparse
+    from rettn.ops import _triton as triton_sparse
 
     rec = _Recorder(path)
     for name, obj in list(vars(triton_sparse).items()):

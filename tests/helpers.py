@@ -3,7 +3,7 @@
 import torch
 
 import rettn
-from rettn.kernels import layout_token_mask, masked_attention_reference
+from rettn.ops.reference import layout_token_mask, masked_attention_reference
 
 
 def qkv(b, h, s, d, dtype=torch.float32, device="cpu", seed=0, seq_k=None):

@@ -1,7 +1,7 @@
 """The Triton kernel compiled ahead of time for sm_80, sm_86 and sm_90 (no GPU needed).
 
 A representative subset of what the dispatcher chooses is compiled with the pinned triton and
-inspected (rettn.kernels.aot): no spills, shared memory within each architecture's limit, wgmma
+inspected (rettn.ops.aot): no spills, shared memory within each architecture's limit, wgmma
 on sm_90, 16-byte cp.async K/V loads with at least two buffers, no 2-byte global loads. The
 whole matrix (scripts/aot_compile.py, table in docs/kernels.md) is checked here through the
 shared-memory estimate the dispatcher uses, which the compiled subset holds to.
@@ -10,8 +10,8 @@ shared-memory estimate the dispatcher uses, which the compiled subset holds to.
 import pytest
 import torch
 
-from rettn.kernels import aot
-from rettn.kernels import triton_sparse as ts
+from rettn.ops import aot
+from rettn.ops import triton_sparse as ts
 
 SUBSET = [
     aot.Case("sm_90", "bf16", 64, "sparse", 128, lse=True),

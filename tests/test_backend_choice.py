@@ -1,4 +1,4 @@
-"""Backend choice by measurement (rettn.kernels.choice), the dense-with-lse kernels, the float32
+"""Backend choice by measurement (rettn.ops._choice), the dense-with-lse kernels, the float32
 route on CUDA and the layout memo; on CPU, with injected timings (the timer is the only fake:
 every candidate really runs, and results are compared with the chosen backend's own)."""
 
@@ -10,10 +10,10 @@ import torch
 from helpers import qkv
 
 import rettn
-from rettn import attention as att
-from rettn import selection
-from rettn.kernels import choice, dense, masked_attention_reference, ops, triton_sparse
-from rettn.layout import BlockSparseLayout, _memo
+from rettn.ops import attention as att
+from rettn.ops import selection
+from rettn.ops import choice, dense, masked_attention_reference, ops, triton_sparse
+from rettn.ops.layout import BlockSparseLayout, _memo
 
 S, D, BLOCK = 128, 32, 32
 

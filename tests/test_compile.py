@@ -14,8 +14,8 @@ from tiny_models import tiny_inputs, tiny_transformer
 from torch._dynamo.utils import counters
 
 import rettn
-from rettn import selection
-from rettn.attention import sparse_attention_rescaled
+from rettn.ops import selection
+from rettn.ops.attention import sparse_attention_rescaled
 from helpers import qkv, random_layout
 
 TIMESTEPS = (900, 800, 700, 600, 500, 400, 300)

@@ -5,8 +5,8 @@ import torch
 from helpers import qkv
 
 import rettn
-from rettn.config import RettnConfig, load_preset, preset_names
-from rettn.engine import CallInfo, Engine
+from rettn.core.config import RettnConfig, load_preset, preset_names
+from rettn.core.engine import CallInfo, Engine
 
 
 def engine(**kw):

@@ -18,9 +18,10 @@ from helpers import qkv
 from tiny_models import tiny_inputs, tiny_pipeline, tiny_transformer
 
 import rettn
-from rettn import BlockSparseLayout, RettnConfig, selection
-from rettn.cli import main
-from rettn.integration import RettnProcessor
+from rettn import BlockSparseLayout, RettnConfig
+from rettn.ops import selection
+from rettn.tools.cli import main
+from rettn.diffusers.integration import RettnProcessor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -241,7 +242,7 @@ def test_triton_backend_rejects_dtype_and_head_dim():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors")
 def test_triton_backend_needs_cuda_tensors(monkeypatch):
-    importlib.import_module("rettn.kernels.triton_sparse")  # its @triton.jit runs at import: before the env change
+    importlib.import_module("rettn.ops._triton")  # its @triton.jit runs at import: before the env change
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = qkv(1, 1, 64, 16)
@@ -361,7 +362,7 @@ def test_dense_spans_need_a_self_attention_layout():
 
 # ============================================================================ other helpers
 def test_lpips_unavailable_is_a_runtime_error(monkeypatch):
-    from rettn.metrics import LPIPS
+    from rettn.tools.metrics import LPIPS
 
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
     with pytest.raises(RuntimeError, match=r"LPIPS not available: the lpips package is not installed "
@@ -422,12 +423,12 @@ def test_generate_dense_with_sparsity_flags_names_them_as_typed(capsys):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the CLI gets as far as loading a model."""
-    import rettn.models
+    import rettn.tools.models
 
     def load_pipeline(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad output location was reported")
 
-    monkeypatch.setattr(rettn.models, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(rettn.tools.models, "load_pipeline", load_pipeline)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -455,12 +456,12 @@ def test_generate_creates_the_folders_of_out_and_json(tmp_path, capsys):
 
 
 def test_generate_write_error_is_one_line(tmp_path, capsys, monkeypatch):
-    import rettn.media
+    import rettn.tools.media
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rettn.media, "write", full_disk)
+    monkeypatch.setattr(rettn.tools.media, "write", full_disk)
     out = tmp_path / "clip.gif"
     line = cli_error(["generate", "--prompt", "x", "--out", str(out)] + FAST, capsys)
     assert line == f"rettn: error: cannot write --out '{out}': No space left on device"
@@ -476,8 +477,8 @@ def test_generate_triton_backend_without_cuda(capsys, monkeypatch, no_model_load
 
 
 def test_triton_backend_check_follows_the_kernel_rule(monkeypatch):
-    from rettn import attention
-    from rettn.cli import CLIError, _check_backend
+    from rettn.ops import attention
+    from rettn.tools.cli import CLIError, _check_backend
 
     if not attention.triton_installed():
         with pytest.raises(CLIError, match=r"--backend triton needs the triton package \(pip install triton\)"):

@@ -8,9 +8,9 @@ import torch
 from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
 
 import rettn
-from rettn import families as fam
-from rettn.config import load_preset, preset_names
-from rettn.engine import NOT_REACHED
+from rettn.diffusers import families as fam
+from rettn.core.config import load_preset, preset_names
+from rettn.core.engine import NOT_REACHED
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 TIMESTEPS = [950.0, 850.0, 700.0, 600.0, 450.0, 300.0]
@@ -100,4 +100,4 @@ def test_usage_doc_holds_the_generated_families_table():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     table = doc.split("<!-- families-table -->\n", 1)[1].split("\n<!-- /families-table -->", 1)[0]
-    assert table == fam.table_markdown(), "regenerate the table with rettn.families.table_markdown()"
+    assert table == fam.table_markdown(), "regenerate the table with rettn.diffusers.families.table_markdown()"

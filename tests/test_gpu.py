@@ -21,7 +21,7 @@ from helpers import assert_close_to_truth, qkv
 from test_safety import check_fp16_scores_beyond_fp16_range, check_rows_whose_selected_block_is_nearly_all_padding
 
 import rettn
-from rettn import selection
+from rettn.ops import selection
 
 ON_CUDA = torch.cuda.is_available()
 REHEARSE = not ON_CUDA and os.environ.get("RETTN_GPU_TIER") == "interpret"
@@ -70,7 +70,7 @@ def test_sparse_step_kernels():
     g = torch.Generator().manual_seed(3)
     rho = (0.5 + 0.5 * torch.rand(B, H, SEQ, generator=g)).to(DEV)
     residual = (0.1 * torch.randn(B, H, SEQ, 64, generator=g)).to(DEV, torch.bfloat16)
-    out = rettn.attention.sparse_attention_rescaled(q, k, v, layout, rho, residual, backend="triton")
+    out = rettn.ops.attention.sparse_attention_rescaled(q, k, v, layout, rho, residual, backend="triton")
     assert out.dtype == torch.bfloat16
     expected = rho.unsqueeze(-1) * plain.float() + residual.float()
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
@@ -110,7 +110,7 @@ def test_padding_rows_at_gpu_block():
 @pytest.mark.skipif(not ON_CUDA, reason="auto picks the torch path for CPU tensors (tests/test_kernels.py "
                     "::test_auto_backend_on_cpu_is_torch)")
 def test_auto_backend_is_triton_on_cuda():
-    import rettn.attention as att
+    import rettn.ops.attention as att
 
     q = torch.zeros(1, 1, 256, 64, device="cuda", dtype=torch.bfloat16)
     assert att._resolve_backend(None, q, rettn.BlockSparseLayout.dense(256, 256, device="cuda")) == "triton"

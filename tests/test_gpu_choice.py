@@ -6,9 +6,9 @@ import torch
 from helpers import assert_close_to_truth, qkv
 
 import rettn
-from rettn import attention as att
-from rettn import selection
-from rettn.kernels import choice, dense
+from rettn.ops import attention as att
+from rettn.ops import selection
+from rettn.ops import choice, dense
 
 pytestmark = [
     pytest.mark.gpu,

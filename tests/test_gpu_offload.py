@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import qkv
 
-from rettn.config import RettnConfig
-from rettn.engine import CallInfo, Engine
+from rettn.core.config import RettnConfig
+from rettn.core.engine import CallInfo, Engine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,7 +48,7 @@ def test_offload_on_cuda_gives_identical_results_and_prefetches():
 
 
 def test_offloaded_residual_survives_its_device_source_being_freed():
-    from rettn.residual import ResidualStore
+    from rettn.core.residual import ResidualStore
 
     store = ResidualStore("cpu")
     r = torch.randn(2, 8, 4096, 64, device="cuda")

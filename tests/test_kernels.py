@@ -7,7 +7,8 @@ from conftest import DEVICE
 from helpers import assert_close_to_truth, qkv, random_layout, single_block_layout
 
 import rettn
-from rettn.kernels import block_sparse_reference, masked_attention_reference, torch_block_sparse_attention
+from rettn.ops._torch import torch_block_sparse_attention
+from rettn.ops.reference import block_sparse_reference, masked_attention_reference
 
 BLOCK = 64
 SPARSE_BACKENDS = ["torch", "triton"]
@@ -98,7 +99,7 @@ def test_compiled_flex_without_lse_follows_changing_layouts():
 
 
 def test_triton_tiles_smaller_than_layout_blocks():
-    from rettn.kernels.triton_sparse import triton_attention
+    from rettn.ops._triton import triton_attention
 
     q, k, v = qkv(1, 2, 300, 64, device=DEVICE, seed=6)
     layout = random_layout(1, 2, 300, 300, 128, seed=6, device=DEVICE)
@@ -172,7 +173,7 @@ def test_triton_backend_rejects_what_it_cannot_run():
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch):
-    import rettn.attention as att
+    import rettn.ops.attention as att
 
     monkeypatch.setattr(att, "triton_installed", lambda: False)
     q, k, v = qkv(1, 1, 64, 64)
@@ -184,7 +185,7 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
 
 
 def test_auto_backend_on_cpu_is_torch():
-    import rettn.attention as att
+    import rettn.ops.attention as att
 
     q = torch.zeros(1, 1, 64, 64)
     assert att._resolve_backend(None, q, rettn.BlockSparseLayout.dense(64, 64, 64, 64)) == "torch"
@@ -198,7 +199,7 @@ def test_rescaled_sparse_step_matches_formula(backend, dtype):
     g = torch.Generator().manual_seed(13)
     rho = torch.rand(2, 2, 200, generator=g).to(DEVICE)
     residual = torch.randn(2, 2, 200, 72, generator=g).to(DEVICE, dtype)
-    out = rettn.attention.sparse_attention_rescaled(q, k, v, layout, rho, residual, backend=backend)
+    out = rettn.ops.attention.sparse_attention_rescaled(q, k, v, layout, rho, residual, backend=backend)
     plain = rettn.block_sparse_attention(q, k, v, layout, backend="torch").float()
     expected = rho.unsqueeze(-1) * plain + residual.float()
     assert out.dtype == dtype
@@ -250,8 +251,8 @@ def _step_case(head_dim, dtype, seq, kind, seed):
 def test_fused_sparse_step_matches_reference(dtype, head_dim, seq, kind):
     """One launch: clamp(rho) * O_sparse + R, rho + ramp written back, the finite flag; against
     the fp64 truth with the tolerance rule (strided (B, S, H, D) views, tails, broadcast layouts)."""
-    from rettn.attention import sparse_step_attention
-    from rettn.kernels.reference import RHO_FLOOR
+    from rettn.ops.attention import sparse_step_attention
+    from rettn.ops.reference import RHO_FLOOR
 
     q, k, v, layout, rho, residual = _step_case(head_dim, dtype, seq, kind, seed=head_dim + seq)
     results = {be: sparse_step_attention(q, k, v, layout, rho, residual, ramp=0.04, clamp_rho=True,
@@ -271,7 +272,7 @@ def test_fused_sparse_step_matches_reference(dtype, head_dim, seq, kind):
 
 def test_fused_sparse_step_optional_parts():
     """rho None (1), residual None (0), ramp 0 (no rho_next), no clamp, no check."""
-    from rettn.attention import sparse_step_attention
+    from rettn.ops.attention import sparse_step_attention
 
     q, k, v, layout, rho, residual = _step_case(64, torch.float32, 150, "per-head", seed=21)
     plain = rettn.block_sparse_attention(q, k, v, layout, backend="torch")
@@ -290,7 +291,7 @@ def test_fused_sparse_step_optional_parts():
 def test_finite_flag_sees_nan_inf_and_dtype_overflow(backend):
     """The kernel's flag is isfinite(out).all() of the stored output: a NaN in the inputs, an inf
     in R, and an fp16 output that only overflows when rounded (65520 -> inf, 65519 -> 65504)."""
-    from rettn.attention import sparse_step_attention
+    from rettn.ops.attention import sparse_step_attention
 
     q, k, v, layout, rho, residual = _step_case(64, torch.float16, 150, "per-head", seed=22)
 
@@ -321,8 +322,8 @@ def test_fused_cache_step_matches_reference(dtype, rdt, head_dim, seq, kind):
     """rho = clamp(exp(lse_s - lse_d)) and R = O_d - rho * O_s from the sparse pass's epilogue,
     against the fp64 truth of the same formula with the tolerance rule (strided views, tails, a
     broadcast layout)."""
-    from rettn.attention import attention_with_lse, cache_step_attention
-    from rettn.kernels.reference import RHO_FLOOR, cache_statistics
+    from rettn.ops.attention import attention_with_lse, cache_step_attention
+    from rettn.ops.reference import RHO_FLOOR, cache_statistics
 
     q, k, v = _bshd(2, 2, seq, head_dim, dtype, seed=seq)
     lb, lh = (1, 1) if kind == "broadcast" else (2, 2)
@@ -351,7 +352,7 @@ def test_fused_cache_step_matches_reference(dtype, rdt, head_dim, seq, kind):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_cache_step_without_rho_and_nan_flag(backend):
-    from rettn.attention import cache_step_attention
+    from rettn.ops.attention import cache_step_attention
 
     q, k, v = qkv(1, 2, 150, 72, device=DEVICE, seed=23)
     layout = random_layout(1, 2, 150, 150, BLOCK, seed=23, device=DEVICE)
@@ -366,7 +367,7 @@ def test_fused_cache_step_without_rho_and_nan_flag(backend):
 
 
 def test_fused_steps_reject_bad_statistics():
-    from rettn.attention import cache_step_attention, sparse_step_attention
+    from rettn.ops.attention import cache_step_attention, sparse_step_attention
 
     q, k, v = qkv(1, 2, 100, 64)
     layout = random_layout(1, 2, 100, 100, BLOCK)
@@ -382,9 +383,9 @@ def test_fused_steps_reject_bad_statistics():
 
 # ---------------------------------------------------------------------------------- load balance
 def test_launch_order_is_heaviest_first_and_cached():
-    from rettn.kernels.triton_sparse import launch_order
+    from rettn.ops._triton import launch_order
 
-    layout = rettn.selection.add_dense_spans(random_layout(2, 3, 600, 600, 128, density=0.2, seed=30),
+    layout = rettn.ops.selection.add_dense_spans(random_layout(2, 3, 600, 600, 128, density=0.2, seed=30),
                                              [(0, 150)])
     order = launch_order(layout, 2, 3, 10, 64)  # 64-row tiles: two per 128-token layout row
     assert sorted(order.tolist()) == list(range(60))  # every program exactly once
@@ -399,10 +400,10 @@ def test_launch_order_is_heaviest_first_and_cached():
 def test_heaviest_first_launch_with_dense_text_rows(tiles):
     """Dense text rows (launched first) and sparse rows, per-head layouts, tiles smaller than the
     layout's blocks: the reordered grid still writes every tile once, matching the reference."""
-    from rettn.kernels.triton_sparse import triton_attention
+    from rettn.ops._triton import triton_attention
 
     q, k, v = _bshd(2, 2, 300, 64, torch.float32, seed=31)
-    layout = rettn.selection.add_dense_spans(random_layout(2, 2, 300, 300, 128, density=0.2, seed=31),
+    layout = rettn.ops.selection.add_dense_spans(random_layout(2, 2, 300, 300, 128, density=0.2, seed=31),
                                              [(0, 40)])
     out, lse = triton_attention(q, k, v, layout, 64**-0.5, return_lse=True, tiles=tiles)
     assert_close_to_truth(out, lse, q, k, v, layout)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rettn import metrics
+from rettn.tools import metrics
 
 
 def test_psnr_known_values():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import qkv
 
-from rettn.config import RettnConfig
-from rettn.engine import CallInfo, Engine
-from rettn.residual import ResidualStore
+from rettn.core.config import RettnConfig
+from rettn.core.engine import CallInfo, Engine
+from rettn.core.residual import ResidualStore
 
 
 def run_schedule(residual_device, layers=3, branches=2, steps=7, residual_dtype=None):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_transformer
 
 import rettn
-from rettn.engine import Engine
-from rettn.config import RettnConfig
+from rettn.core.engine import Engine
+from rettn.core.config import RettnConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 SMALL = dict(keep=0.2, block_size=32, warmup=2, refresh_interval=3, min_seq_len=0)

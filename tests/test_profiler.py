@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from rettn import archs, dummy_inputs, profiler
+from rettn.tools.profile import archs
+from rettn.tools.profile import dummy_inputs
+from rettn.tools.profile import profiler
 from tiny_models import FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
 
 # Small and quick: the embedded model at 2 frames (512 video + 16 text tokens), 6 steps with
@@ -127,7 +129,7 @@ def test_profile_on_cuda(tmp_path):
 @pytest.mark.parametrize("name", archs.arch_names())
 def test_arch_builds_and_runs(name):
     spec = archs.load_arch(name)
-    assert spec.preset in __import__("rettn.config", fromlist=["x"]).preset_names()
+    assert spec.preset in __import__("rettn.core.config", fromlist=["x"]).preset_names()
     model = archs.build_transformer(spec, layers=1)
     config = archs.model_config(spec, layers=1)
     for key in spec.layer_keys:
@@ -178,7 +180,7 @@ def test_arch_default_shapes():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dummy_inputs_match_tiny_inputs(family):
-    """rettn.dummy_inputs is the package's port of tests/tiny_models.tiny_inputs: same tensors."""
+    """rettn.tools.profile.dummy_inputs is the package's port of tests/tiny_models.tiny_inputs: same tensors."""
     model = tiny_transformer(family)
     shape = tiny_shape(family)
     ref = tiny_inputs(family, model, batch=2, seed=3, t=250.0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rettn.config import RettnConfig
-from rettn.evaluate import DEFAULT_PROMPTS, evaluate
+from rettn.core.config import RettnConfig
+from rettn.tools.evaluate import DEFAULT_PROMPTS, evaluate
 
 # Measured with `rettn eval` (docs/quality.md); the bound leaves room for platform noise.
 MIN_PSNR_GAIN_DB = 3.0

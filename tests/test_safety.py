@@ -14,15 +14,15 @@ from tiny_models import tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_t
 
 import rettn
 from conftest import DEVICE
-from rettn.config import RettnConfig
-from rettn.engine import CallInfo, Engine
-from rettn.kernels import masked_attention_reference
+from rettn.core.config import RettnConfig
+from rettn.core.engine import CallInfo, Engine
+from rettn.ops.reference import masked_attention_reference
 
 BACKENDS = ["torch", "triton", "flex"]
 
 
 def _truth(q, k, v, layout=None, scale=None):
-    from rettn.kernels import layout_token_mask
+    from rettn.ops.reference import layout_token_mask
 
     mask = None if layout is None else layout_token_mask(layout)
     return masked_attention_reference(q.double(), k.double(), v.double(), mask, scale, compute_dtype=torch.float64)
@@ -36,7 +36,7 @@ def check_fp16_scores_beyond_fp16_range(backend, device, block=32, seq=160):
     q = (q.float() * 40).half()
     k = q.clone()
     assert float((q[0, 0, 0].float() ** 2).sum()) > 65504
-    layout = rettn.selection.topk(q, k, 0.5, block_q=block)
+    layout = rettn.ops.selection.topk(q, k, 0.5, block_q=block)
     out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
     true_out, true_lse = _truth(q, k, v, layout)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()

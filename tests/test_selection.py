@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rettn import selection
+from rettn.ops import selection
 
 
 def rows(layout, b=0, h=0):

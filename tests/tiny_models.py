@@ -224,7 +224,7 @@ def _ids_4d(f, h, w, t0=0):
 
 
 def _mask(B, L, pad=3):
-    from rettn.dummy_inputs import text_mask
+    from rettn.tools.profile.dummy_inputs import text_mask
 
     return text_mask(B, L, pad)
 
@@ -1372,10 +1372,10 @@ def tiny_inputs(
     t: float = 500.0,
 ) -> dict[str, Any]:
     """Keyword arguments for ``model(**kwargs)``, as the family's pipeline would pass them:
-    :func:`rettn.dummy_inputs.forward_inputs` at the tiny defaults (grid ``tiny_shape(family).grid``,
+    :func:`rettn.tools.profile.dummy_inputs.forward_inputs` at the tiny defaults (grid ``tiny_shape(family).grid``,
     ``TEXT_LEN`` text tokens, the last 3 text tokens of samples 1..B-1 padded where the forward
     takes a text mask)."""
-    from rettn.dummy_inputs import forward_inputs
+    from rettn.tools.profile.dummy_inputs import forward_inputs
 
     _check_family(family)
     if family in _ROWS:

@@ -254,8 +254,8 @@ class Schedule:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("rettn.configs").iterdir()
-                  if p.name.endswith(".yaml") and not p.name.startswith("arch-"))
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("rettn.configs.presets").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def load_preset(name: str) -> dict:
@@ -264,7 +264,7 @@ def load_preset(name: str) -> dict:
 
     if not isinstance(name, str) or name not in preset_names():
         raise ValueError(f"unknown preset {name!r}; available presets: {preset_names()}")
-    text = resources.files("rettn.configs").joinpath(f"{name}.yaml").read_text()
+    text = resources.files("rettn.configs.presets").joinpath(f"{name}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     if "config" not in data or not isinstance(data["config"], dict):
         raise ValueError(f"preset {name!r} has no 'config' mapping")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import BlockSparseLayout
-from .reference import SCORE_BUDGET
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.reference import SCORE_BUDGET
 
 # On CPU, small chunks (4 MiB of scores) stay in cache and reuse the allocator's memory: measured
 # 2-3x faster than one big chunk at S=4096 (fresh large buffers page-fault on every call).

@@ -15,7 +15,7 @@ With a pipeline, rettn reads the pipeline's own signals:
   pipeline gives one) the step.
 
 A bare transformer (no pipeline), or a pipeline whose loop does not use its scheduler, falls
-back to the timestep guess of :class:`rettn.engine.StepTracker`.
+back to the timestep guess of :class:`rettn.core.engine.StepTracker`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Known model architectures (``configs/arch-<name>.yaml``): build the real diffusers transformer
+"""Known model architectures (``configs/archs/<name>.yaml``): build the real diffusers transformer
 of a model with random weights, at its real shapes, without downloading anything.
 
 Each file holds the diffusers class name, its constructor config (the public ``config.json``
@@ -18,12 +18,11 @@ from importlib import resources
 
 import torch
 
-PREFIX = "arch-"
 
 
 def arch_names() -> list[str]:
-    return sorted(p.name[len(PREFIX): -len(".yaml")] for p in resources.files("rettn.configs").iterdir()
-                  if p.name.startswith(PREFIX) and p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("rettn.configs.archs").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def load_arch(name: str) -> ArchSpec:
 
     if not isinstance(name, str) or name not in arch_names():
         raise ValueError(f"unknown architecture {name!r}; known: {arch_names()}")
-    data = yaml.safe_load(resources.files("rettn.configs").joinpath(f"{PREFIX}{name}.yaml").read_text())
+    data = yaml.safe_load(resources.files("rettn.configs.archs").joinpath(f"{name}.yaml").read_text())
     shape = dict(data["shape"])
     shape["tokens_per_latent"] = tuple(shape["tokens_per_latent"])
     return ArchSpec(

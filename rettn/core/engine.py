@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import selection
-from .attention import attention_with_lse, backend_choices, cache_step_attention, sparse_step_attention
-from .config import RESIDUAL_DTYPES, RettnConfig, Schedule
-from .kernels.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
-from .layout import BlockSparseLayout
-from .residual import ResidualStore
+from rettn.ops import selection
+from rettn.ops.attention import attention_with_lse, backend_choices, cache_step_attention, sparse_step_attention
+from rettn.core.config import RESIDUAL_DTYPES, RettnConfig, Schedule
+from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
+from rettn.ops.layout import BlockSparseLayout
+from rettn.core.residual import ResidualStore
 
 
 def _bytes(n: float) -> str:

@@ -9,7 +9,7 @@ real model's shapes (``rettn profile --random-weights``) and the tests' tiny mod
     out = model(**kwargs)
     kwargs["timestep"] = timestep_tensor("cogvideox", 250.0, 2, device, model.dtype)
 
-Families are rettn's (:mod:`rettn.families`): ``cogvideox`` (``cogvideox-rope`` is an alias;
+Families are rettn's (:mod:`rettn.diffusers.families`): ``cogvideox`` (``cogvideox-rope`` is an alias;
 RoPE is read from the model's config), ``pixart``, ``hunyuan-dit``, ``wan``, ``flux``,
 ``hunyuanvideo``, ``ltx-video``.
 

@@ -9,7 +9,7 @@ What it measures (warm-up runs are excluded, and the report says how many):
 
 - per denoising step, the transformer's wall time (CUDA events on GPU, ``time.perf_counter`` on
   CPU, from forward pre/post hooks on the transformer; a step is all its transformer calls), split
-  into the regions rettn's engine times (:class:`rettn.engine.RegionTimer`): ``attention`` (every
+  into the regions rettn's engine times (:class:`rettn.core.engine.RegionTimer`): ``attention`` (every
   attention kernel of the patched layers, the model's own SDPA at dense steps included),
   ``selection`` (block selection), ``bookkeeping`` (rho, R, ramp, residual moves), and ``other``
   (the step time minus those: projections, MLPs, norms, RoPE, unpatched attention);
@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .engine import RegionTimer, StepTracker
-from .kernels.choice import backend_choices
+from rettn.core.engine import RegionTimer, StepTracker
+from rettn.ops._choice import backend_choices
 
 EXIT_USAGE = 2
 REGIONS = ("attention", "selection", "bookkeeping")
@@ -221,7 +221,7 @@ class TransformerRunner:
         return [float(round(self.t_max * (1 - i / num_steps))) for i in range(num_steps)]
 
     def run(self, num_steps: int, seed: int = 0):
-        from .dummy_inputs import set_timestep
+        from rettn.tools.profile.dummy_inputs import set_timestep
 
         with torch.no_grad():
             for t in self.timesteps(num_steps):
@@ -268,7 +268,7 @@ class Capture:
 def timed_run(runner, num_steps: int, device: torch.device, config=None, capture: Capture | None = None,
               seed: int = 0) -> RunRecord:
     """One generation of ``num_steps`` steps, dense (``config=None``) or with rettn."""
-    from .integration import apply_rettention
+    from rettn.diffusers.integration import apply_rettention
 
     timer = StepRegionTimer() if config is not None else None
     clock = StepClock(runner.transformer, device, timer)  # before rettn's hook: its work is timed
@@ -423,7 +423,7 @@ def _measure(fns: dict, device, repeats: int, warmup: int) -> dict:
 
 def _select(q, k, config, keep, info):
     """The engine's block selection for this call (see Engine._layout), at ``keep``."""
-    from . import selection
+    from rettn.ops import selection
 
     bs = config.block_size
     spans = list(info.dense_spans) if (config.dense_conditioning and info is not None) else []
@@ -439,7 +439,7 @@ def _select(q, k, config, keep, info):
 
 def kernel_table(capture: Capture, config, providers, keeps, repeats: int, warmup: int = 2) -> dict:
     """Kernel timings at the captured attention shape: one row per keep ratio."""
-    from .attention import _auto_backend, attention_with_lse, block_sparse_attention, sparse_attention_rescaled
+    from rettn.ops.attention import _auto_backend, attention_with_lse, block_sparse_attention, sparse_attention_rescaled
 
     b, h, s, d = capture.shape
     device, dtype, scale = capture.device, capture.dtype, capture.scale
@@ -510,7 +510,7 @@ def density_keeps(keep: float, sweep) -> list[float]:
 def environment(device: torch.device) -> dict:
     import diffusers
 
-    from . import __version__
+    from rettn import __version__
 
     env = {"device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "rettn": __version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -688,7 +688,7 @@ def write_chart(report: dict, path: Path) -> str | None:
 
 
 # ============================================================================== the command
-from .cli import (  # noqa: E402  (shared with generate)
+from rettn.tools.cli import (  # noqa: E402  (shared with generate)
     CLIError, _check_backend, _check_output, _device, _nonneg_int, _positive_int, _steps_value)
 
 
@@ -761,7 +761,7 @@ def build_parser(prog: str = "rettn profile") -> argparse.ArgumentParser:
 
 
 def _config(args, preset: str | None):
-    from .config import RettnConfig
+    from rettn.core.config import RettnConfig
 
     overrides = {name: getattr(args, name) for name in SPARSITY_FLAGS if getattr(args, name) is not None}
     if preset is None:
@@ -771,7 +771,7 @@ def _config(args, preset: str | None):
 
 def _check_args(args):
     if args.random_weights and args.arch is None:
-        from .archs import arch_names
+        from rettn.tools.profile.archs import arch_names
 
         raise ProfileError(f"--random-weights needs --arch NAME; known: {', '.join(arch_names())}")
     if args.arch is not None and not args.random_weights:
@@ -821,8 +821,8 @@ def with_heads(spec, heads: int | None):
 
 
 def _setup_arch(args, device, dtype, notes):
-    from . import dummy_inputs
-    from .archs import build_transformer, load_arch, model_config
+    from rettn.tools.profile import dummy_inputs
+    from rettn.tools.profile.archs import build_transformer, load_arch, model_config
 
     full_heads = load_arch(args.arch).config.get("num_attention_heads")
     spec = with_heads(load_arch(args.arch), args.heads)
@@ -890,17 +890,17 @@ def _setup_pipeline(args, device, dtype, notes):
 
 
 def _load_pipeline(args, device, dtype, notes):
-    from .models import ModelLoadError, load_pipeline
+    from rettn.tools.models import ModelLoadError, load_pipeline
 
     if args.model in (None, EMBEDDED):
-        from .tiny import load_default_pipeline
+        from rettn.tiny import load_default_pipeline
 
         try:
             pipe, weights = load_default_pipeline(device=str(device), dtype=dtype), "trained"
         except FileNotFoundError:
-            from .tiny.pipeline import build_pipeline
+            from rettn.tiny.pipeline import build_pipeline
 
-            from .archs import cast_like_from_pretrained
+            from rettn.tools.profile.archs import cast_like_from_pretrained
 
             pipe, weights = build_pipeline(), "random"
             for part in (pipe.transformer, pipe.text_encoder):
@@ -915,7 +915,7 @@ def _load_pipeline(args, device, dtype, notes):
         except ModelLoadError as e:
             raise ProfileError(str(e)) from None
         weights, name = "loaded", args.model
-        from .models import default_preset
+        from rettn.tools.models import default_preset
 
         preset = default_preset(pipe)
     pipe.set_progress_bar_config(disable=True)
@@ -947,7 +947,7 @@ def profile(args) -> dict:
     """Run the whole profile described by parsed ``args``; returns the report (also written)."""
     providers, sweep = _check_args(args)
     if args.preset is not None:
-        from .config import load_preset
+        from rettn.core.config import load_preset
 
         load_preset(args.preset)  # unknown preset: fail before building anything
     device = _device(args.device)
@@ -958,7 +958,7 @@ def profile(args) -> dict:
         _check_output(args.chart, "--chart")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.random_weights:  # check the rettn options before building or loading anything
-        from .archs import load_arch
+        from rettn.tools.profile.archs import load_arch
 
         _config(args, args.preset or load_arch(args.arch).preset)
     elif args.model in (None, EMBEDDED):

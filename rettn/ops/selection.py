@@ -1,5 +1,5 @@
 """Block selection: which key blocks each query block keeps. Every function returns a
-:class:`~rettn.layout.BlockSparseLayout`.
+:class:`~rettn.ops.layout.BlockSparseLayout`.
 
 - :func:`topk`: dynamic, per (batch, head, query block), from mean-pooled Q and K blocks.
 - :func:`topk_mass`: dynamic, keeps blocks until their estimated softmax mass reaches a threshold.
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import _scale
-from .layout import BlockSparseLayout, _check_positive_int, _dense_to_kv, _num_blocks, block_sizes, ceil_blocks
+from rettn.ops.attention import _scale
+from rettn.ops.layout import BlockSparseLayout, _check_positive_int, _dense_to_kv, _num_blocks, block_sizes, ceil_blocks
 
 Span = tuple[int, int]
 

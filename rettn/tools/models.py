@@ -23,7 +23,7 @@ def dtype_kwargs(dtype) -> dict:
 
 def _pipeline_class(name: str):
     if name == "TinyVideoPipeline":
-        from .tiny import TinyVideoPipeline
+        from rettn.tiny import TinyVideoPipeline
 
         return TinyVideoPipeline
     from diffusers import DiffusionPipeline
@@ -38,7 +38,7 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: torch.dtype = t
     written by ``save_pretrained`` (with ``model_index.json``), or a Hugging Face Hub id.
     """
     if model in (None, DEFAULT_MODEL):
-        from .tiny import load_default_pipeline
+        from rettn.tiny import load_default_pipeline
 
         try:
             return load_default_pipeline(device=device, dtype=dtype)
@@ -74,7 +74,7 @@ EMBEDDED_PRESET = "tiny-shapes"
 def default_preset(pipe) -> str | None:
     """The preset for a loaded pipeline: ``tiny-shapes`` for the embedded model, else the preset
     of the transformer's variant (None for models without one)."""
-    from .families import default_preset as family_preset, detect_family
+    from rettn.diffusers.families import default_preset as family_preset, detect_family
 
     if type(pipe).__name__ == "TinyVideoPipeline":
         return EMBEDDED_PRESET

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BlockSparseLayout
-from .reference import RHO_FLOOR
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.reference import RHO_FLOOR
 
 _LOG2E = 1.4426950408889634
 _FLOOR = tl.constexpr(RHO_FLOOR)

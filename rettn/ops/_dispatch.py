@@ -22,17 +22,18 @@ out_dense, lse_dense, use_rho, residual_dtype, check) -> (rho, residual, finite)
 step's statistics from the dense pass's output and lse (one Triton launch: the sparse pass with
 rho and R in its epilogue).
 
-Inputs are validated by the public functions in :mod:`rettn.attention`, which call these ops.
+Inputs are validated by the public functions in :mod:`rettn.ops.attention`, which call these ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layout import BlockSparseLayout
-from . import choice, dense
-from .reference import cache_statistics, masked_attention_reference, step_rho
-from .torch_sparse import torch_block_sparse_attention
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops import _choice as choice
+from rettn.ops import _dense as dense
+from rettn.ops.reference import cache_statistics, masked_attention_reference, step_rho
+from rettn.ops._torch import torch_block_sparse_attention
 
 
 def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
@@ -50,7 +51,7 @@ def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
         if backend[:5] == "sdpa:":
             out, lse = dense.attention(backend[5:], q, k, v, scale)
         elif backend == "flex":
-            from ..attention import _flex_run
+            from rettn.ops.attention import _flex_run
 
             out, lse = _flex_run(q, k, v, layout, scale, return_lse)
         elif backend != "torch":
@@ -122,7 +123,7 @@ def run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, cl
                                    torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
                                    if residual is None else residual, q, k, v, layout, scale, False)
     if backend == "triton":
-        from . import triton_sparse
+        from rettn.ops import _triton as triton_sparse
 
         out, rho_next, flag = triton_sparse.triton_sparse_step(q, k, v, layout, scale, rho, residual, ramp=ramp,
                                                                clamp=clamp, check=check)
@@ -148,7 +149,7 @@ def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rh
     if backend == "auto":
         backend = _fused_or_chosen(None, None, q, k, v, layout, scale, True)
     if backend == "triton":
-        from . import triton_sparse
+        from rettn.ops import _triton as triton_sparse
 
         rho, residual, flag = triton_sparse.triton_cache_step(q, k, v, layout, scale, out_dense, lse_dense,
                                                               use_rho=use_rho, residual_dtype=residual_dtype,

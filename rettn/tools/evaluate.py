@@ -64,8 +64,8 @@ def evaluate(pipe, base_config, prompts=DEFAULT_PROMPTS, seeds=(0, 1), methods=t
     """One row per (method, keep): means over prompts x seeds. See the module docstring."""
     from tqdm.auto import tqdm
 
-    from .integration import apply_rettention
-    from .metrics import compare
+    from rettn.diffusers.integration import apply_rettention
+    from rettn.tools.metrics import compare
 
     extra = dict(call_kwargs or {})
     cases = [(p, s) for p in prompts for s in seeds]
@@ -140,7 +140,7 @@ def plot(rows, path) -> str | None:
 
 # ------------------------------------------------------------------------------ command line
 def register(subparsers):
-    from .cli import _nonneg_int, _positive_int  # the argument types of the other commands
+    from rettn.tools.cli import _nonneg_int, _positive_int  # the argument types of the other commands
 
     p = subparsers.add_parser("eval", help="quality of every method and keep ratio against dense attention",
                               description=__doc__.split("\n\n")[0])
@@ -160,12 +160,12 @@ def register(subparsers):
 
 
 def run(args) -> dict:
-    """Raises ValueError or :class:`rettn.cli.CLIError` with a one-line message on bad input (the
+    """Raises ValueError or :class:`rettn.tools.cli.CLIError` with a one-line message on bad input (the
     CLI prints it, exit 2), before any model loads."""
-    from .cli import CLIError, _check_output, _device, write_json
-    from .config import RettnConfig, load_preset
-    from .metrics import LPIPS
-    from .models import default_preset, load_pipeline, quiet_progress_bars
+    from rettn.tools.cli import CLIError, _check_output, _device, write_json
+    from rettn.core.config import RettnConfig, load_preset
+    from rettn.tools.metrics import LPIPS
+    from rettn.tools.models import default_preset, load_pipeline, quiet_progress_bars
 
     bad = [m for m in args.methods if m not in METHODS]
     if bad:

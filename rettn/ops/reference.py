@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import BlockSparseLayout
+from rettn.ops.layout import BlockSparseLayout
 
 # Score elements (float32) materialised at once by the chunked paths: 2**25 floats = 128 MiB.
 SCORE_BUDGET = 1 << 25

@@ -32,8 +32,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ..layout import BlockSparseLayout
-from . import triton_sparse
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops import _triton as triton_sparse
 
 ARCHS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -199,7 +199,7 @@ def compile_launch(case: Case, launch: triton_sparse.Launch) -> Result:
     if not isinstance(tl.standard.max, JITFunction):
         raise RuntimeError(
             "triton was imported with TRITON_INTERPRET=1, so its language library is the interpreter's and "
-            "cannot be compiled: compile in a process without it (rettn.kernels.aot.compile_in_subprocess)")
+            "cannot be compiled: compile in a process without it (rettn.ops.aot.compile_in_subprocess)")
     fn = triton_sparse._attn_fwd
     target = GPUTarget("cuda", ARCHS[case.arch][0] * 10 + ARCHS[case.arch][1], 32)
     options, signature, constexprs, attrs = _specialise(fn, launch, target)
@@ -213,7 +213,7 @@ def compile_in_subprocess(cases, timeout: float = 1800) -> list[Result]:
     runs the interpreter, uses). One process for all of them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([asdict(c) for c in cases])
-    proc = subprocess.run([sys.executable, "-m", "rettn.kernels.aot"], input=payload, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rettn.ops.aot"], input=payload, capture_output=True,
                           text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}")

@@ -20,7 +20,7 @@ How it plugs in, without replacing anything process-wide:
   ``handle.describe()``); a model none of whose attention reaches the engine is an error at its
   first call, not a dense run;
 - the step and CFG branch come from the pipeline's own signals (its scheduler, diffusers'
-  ``cache_context``; :mod:`rettn.steps`), the timestep for a bare transformer; a forward hook
+  ``cache_context``; :mod:`rettn.diffusers.steps`), the timestep for a bare transformer; a forward hook
   folds each call's statistics and checks its outputs were finite. Both hooks run eagerly in a
   compiled model.
 
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import engine as eng
-from . import families as fam
-from .config import RettnConfig
-from .engine import CallInfo, Engine, Stats
-from .steps import PipelineSteps, attach_context_listener, detach_context_listener
+from rettn.core import engine as eng
+from rettn.diffusers import families as fam
+from rettn.core.config import RettnConfig
+from rettn.core.engine import CallInfo, Engine, Stats
+from rettn.diffusers.steps import PipelineSteps, attach_context_listener, detach_context_listener
 
 _SDPA = F.scaled_dot_product_attention  # torch's own function; rettn never rebinds it
 _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -631,7 +631,7 @@ def apply_rettention(target, config: RettnConfig | None = None, *, preset: str |
         target: a diffusers pipeline (its ``transformer``, and ``transformer_2`` where it has
             one, are patched, under one schedule) or a transformer model.
         config: a :class:`RettnConfig`; or ``preset`` names a YAML preset in ``configs/``
-            (``rettn.config.preset_names()``); keyword ``overrides`` replace single fields.
+            (``rettn.core.config.preset_names()``); keyword ``overrides`` replace single fields.
             With neither, the preset of the model's variant (``handle.preset`` says which; a
             model without one gets ``RettnConfig()``'s defaults).
 

@@ -3,7 +3,7 @@
     rettn generate --prompt "a red circle moving right"              # embedded model, offline
     rettn generate --prompt "..." --compare --out clip.gif            # + dense baseline, PSNR/SSIM
     rettn generate --model THUDM/CogVideoX-2b --preset cogvideox-2b --prompt "..." --out cat.mp4
-    accelerate launch --num_processes 4 -m rettn.cli generate --prompts prompts.txt --out outputs/
+    accelerate launch --num_processes 4 -m rettn.tools.cli generate --prompts prompts.txt --out outputs/
 
 Bad input gets one line on stderr and exit code 2, never a traceback.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import media
-from .config import RettnConfig, load_preset
-from .models import quiet_progress_bars
+from rettn.tools import media
+from rettn.core.config import RettnConfig, load_preset
+from rettn.tools.models import quiet_progress_bars
 
 EXIT_USAGE = 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", default=None, metavar="FILE", help="also write a JSON summary")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    from . import evaluate, profiler
+    from rettn.tools import evaluate
+    from rettn.tools.profile import profiler
 
     evaluate.register(sub)
     profiler.register(sub)
@@ -147,11 +148,11 @@ def _device(name: str | None) -> torch.device:
 
 def _check_backend(backend: str | None, device: torch.device, source: str = "--backend triton") -> None:
     """Fail before anything runs when the Triton backend cannot run on ``device``: the same rule as
-    :func:`rettn.kernels.triton_sparse.unsupported_reason` (CUDA tensors, or CPU tensors under
+    :func:`rettn.ops._triton.unsupported_reason` (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``), told in terms of the command's flags."""
     if backend != "triton":
         return
-    from .attention import triton_installed
+    from rettn.ops.attention import triton_installed
 
     if not triton_installed():
         raise CLIError(f"{source} needs the triton package (pip install triton); or use --backend torch or flex")
@@ -225,7 +226,7 @@ def _read_prompts(args) -> list[tuple[int, str]]:
 
 
 def _config(args, pipe) -> tuple[RettnConfig, str]:
-    from .models import default_preset
+    from rettn.tools.models import default_preset
 
     preset = args.preset if args.preset is not None else default_preset(pipe)
     overrides = {field: getattr(args, dest) for dest, field in SPARSITY_FLAGS.items() if getattr(args, dest) is not None}
@@ -311,8 +312,8 @@ def _run(pipe, kwargs, device):
 def generate(args) -> dict:
     from accelerate import PartialState
 
-    from .integration import apply_rettention
-    from .models import ModelLoadError, load_pipeline
+    from rettn.diffusers.integration import apply_rettention
+    from rettn.tools.models import ModelLoadError, load_pipeline
 
     if args.dense and args.compare:
         raise CLIError("--dense and --compare cannot be combined (--compare already runs the dense baseline)")
@@ -368,7 +369,7 @@ def generate(args) -> dict:
 
     lpips_model, lpips_note = None, None
     if args.compare:
-        from .metrics import LPIPS
+        from rettn.tools.metrics import LPIPS
 
         try:
             lpips_model = LPIPS.load()
@@ -396,7 +397,7 @@ def generate(args) -> dict:
 
 
 def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lpips_model, lpips_note, apply):
-    from .metrics import compare
+    from rettn.tools.metrics import compare
 
     record = {"prompt": prompt, "seed": seed, "output": str(target)}
     if args.dense:
@@ -459,11 +460,11 @@ def main(argv=None) -> int:
         if args.command == "generate":
             generate(args)
         elif args.command == "eval":
-            from . import evaluate
+            from rettn.tools import evaluate
 
             evaluate.run(args)
         elif args.command == "profile":
-            from . import profiler
+            from rettn.tools.profile import profiler
 
             return profiler.run(args)
     except CLIError as e:
@@ -476,8 +477,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m rettn.cli`: run the package's module, not this __main__ copy of it, so that the
-    # CLIError that eval and profile import from rettn.cli is the class main() catches.
-    from rettn.cli import main as _main
+    # `python -m rettn.tools.cli`: run the package's module, not this __main__ copy of it, so that the
+    # CLIError that eval and profile import from rettn.tools.cli is the class main() catches.
+    from rettn.tools.cli import main as _main
 
     sys.exit(_main())

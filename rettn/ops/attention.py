@@ -6,7 +6,7 @@ Backends:
 - ``"torch"``: gather-the-selected-blocks path; correct everywhere, fast on CPU at high sparsity.
 - ``"flex"``: ``torch.nn.attention.flex_attention`` with the same layout as a ``BlockMask``.
 ``backend=None`` ("auto"): on CUDA the fastest of the candidates, timed at the first call of each
-shape, dtype and density bucket (:mod:`rettn.kernels.choice`; the table is
+shape, dtype and density bucket (:mod:`rettn.ops._choice`; the table is
 :func:`rettn.backend_choices`); on CPU the torch path unless measurement is enabled there.
 """
 
@@ -17,9 +17,10 @@ import warnings
 
 import torch
 
-from .kernels import choice, ops
-from .kernels.choice import backend_choices, triton_installed  # noqa: F401 - public / patched in tests
-from .layout import BlockSparseLayout
+from rettn.ops import _choice as choice
+from rettn.ops import _dispatch as ops
+from rettn.ops._choice import backend_choices, triton_installed  # noqa: F401 - public / patched in tests
+from rettn.ops.layout import BlockSparseLayout
 
 BACKENDS = ("triton", "torch", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -7,7 +7,7 @@ direct call that autograd uses), which receives the backend string ``"auto"``. U
 so the choice is never traced, guarded on or recompiled for; it is made at run time, on real
 tensors, outside any graph.
 
-Candidates (the backend strings :func:`rettn.kernels.ops.run` accepts):
+Candidates (the backend strings :func:`rettn.ops._dispatch.run` accepts):
 
 - ``"triton:BMxBN"``: rettn's Triton kernel with query/key tiles BM x BN (a few tile shapes that
   divide the layout's blocks); not for float32 on CUDA (the kernel's fp32 dot products are FMA
@@ -17,7 +17,7 @@ Candidates (the backend strings :func:`rettn.kernels.ops.run` accepts):
 - ``"torch"``: the gather + batched matmul path (cuBLAS on CUDA): correct everywhere, the
   reference the other candidates are checked against;
 - ``"sdpa:flash"``, ``"sdpa:cudnn"``, ``"sdpa:efficient"`` (CUDA), ``"sdpa:cpu"``: PyTorch's
-  dense kernels that return the lse (:mod:`rettn.kernels.dense`), for dense attention with lse
+  dense kernels that return the lse (:mod:`rettn.ops._dense`), for dense attention with lse
   and for layouts that select every block (counted density 1), where dense attention computes
   exactly what the layout asks. They never stand in for a layout that skips blocks: a dense
   result there is a different result (nothing silently dense).
@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from . import dense
+from rettn.ops import _dense as dense
 
 ENV_MEASURE = "RETTN_BACKEND_MEASURE"
 ENV_CACHE = "RETTN_BACKEND_CACHE"
@@ -86,8 +86,8 @@ def triton_installed() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_module():
-    """``rettn.kernels.triton_sparse``, imported at first use (it imports triton)."""
-    from . import triton_sparse
+    """``rettn.ops._triton``, imported at first use (it imports triton)."""
+    from rettn.ops import _triton as triton_sparse
 
     return triton_sparse
 

@@ -1,0 +1,1 @@
+"""``rettn profile``: where the time of a generation goes, dense vs rettn."""
