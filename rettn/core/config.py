@@ -15,6 +15,8 @@ from importlib import resources
 
 import torch
 
+from rettn.errors import ConfigError
+
 PATTERNS = ("topk", "window", "frame_window")
 RESELECT = ("cache", "step")
 BACKEND_CHOICES = (None, "triton", "torch", "flex")
@@ -48,13 +50,13 @@ def parse_bytes(value) -> int | None:
         return None
     if _is_int(value):
         if value < 0:
-            raise ValueError(f"max_cache_bytes must be >= 0, got {value}")
+            raise ConfigError(f"max_cache_bytes must be >= 0, got {value}")
         return int(value)
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
             return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-    raise ValueError(
+    raise ConfigError(
         f"max_cache_bytes must be a byte count or a size such as '8GB' or '512MiB', got {value!r}"
     )
 
@@ -128,60 +130,60 @@ class RettnConfig:
 
     def __post_init__(self):
         if not _is_number(self.keep) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+            raise ConfigError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
         self.keep = float(self.keep)
         if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+            raise ConfigError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if not _is_int(self.block_size) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
         self.block_size = int(self.block_size)
         if self.reselect not in RESELECT:
-            raise ValueError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
+            raise ConfigError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
         for name in ("warmup", "dense_final"):
             v = getattr(self, name)
             if not _is_number(v) or v < 0 or (isinstance(v, float) and v > 1):
-                raise ValueError(
+                raise ConfigError(
                     f"{name} must be a step count (int >= 0) or a fraction of the steps (float in "
                     f"[0, 1]), got {v!r}"
                 )
             setattr(self, name, _plain(v))
         r = self.refresh_interval
         if not _is_number(r) or r <= 0 or (isinstance(r, float) and r > 1):
-            raise ValueError(
+            raise ConfigError(
                 "refresh_interval must be a step count (int >= 1) or a fraction of the steps "
                 f"(float in (0, 1]), got {r!r}"
             )
         self.refresh_interval = _plain(r)
         n = self.num_inference_steps
         if n is not None and (not _is_int(n) or n <= 0):
-            raise ValueError(f"num_inference_steps must be a positive integer or None, got {n!r}")
+            raise ConfigError(f"num_inference_steps must be a positive integer or None, got {n!r}")
         self.num_inference_steps = None if n is None else int(n)
         if not _is_number(self.ramp) or self.ramp < 0:
-            raise ValueError(f"ramp (the paper's lambda) must be a finite number >= 0, got {self.ramp!r}")
+            raise ConfigError(f"ramp (the paper's lambda) must be a finite number >= 0, got {self.ramp!r}")
         self.ramp = float(self.ramp)
         for name in ("dense_conditioning", "clamp_rho", "use_rho", "use_residual", "sparse_cross_attention",
                      "check_finite"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.sparse_cross_attention and self.pattern != "topk":
-            raise ValueError("sparse_cross_attention needs pattern='topk' (windows are for self-attention)")
+            raise ConfigError("sparse_cross_attention needs pattern='topk' (windows are for self-attention)")
         if not isinstance(self.skip_layers, (list, tuple)) or not all(
             _is_int(i) and i >= 0 for i in self.skip_layers
         ):
-            raise ValueError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
+            raise ConfigError(f"skip_layers must be a list of layer indices >= 0, got {self.skip_layers!r}")
         self.skip_layers = [int(i) for i in self.skip_layers]
         if not _is_int(self.min_seq_len) or self.min_seq_len < 0:
-            raise ValueError(f"min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
+            raise ConfigError(f"min_seq_len must be an integer >= 0, got {self.min_seq_len!r}")
         self.min_seq_len = int(self.min_seq_len)
         if self.residual_dtype is not None and self.residual_dtype not in RESIDUAL_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)} or None, got {self.residual_dtype!r}"
             )
         if self.residual_device not in (None, "cpu"):
-            raise ValueError(f"residual_device must be None or 'cpu', got {self.residual_device!r}")
+            raise ConfigError(f"residual_device must be None or 'cpu', got {self.residual_device!r}")
         self.max_cache_bytes = parse_bytes(self.max_cache_bytes)
         if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+            raise ConfigError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -192,7 +194,7 @@ class RettnConfig:
     def from_dict(cls, values: dict) -> "RettnConfig":
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown RettnConfig field(s) {unknown}; allowed: {cls.field_names()}")
+            raise ConfigError(f"unknown RettnConfig field(s) {unknown}; allowed: {cls.field_names()}")
         return cls(**values)
 
     @classmethod
@@ -205,7 +207,7 @@ class RettnConfig:
     def replace(self, **changes) -> "RettnConfig":
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
-            raise ValueError(f"unknown RettnConfig field(s) {unknown}; allowed: {self.field_names()}")
+            raise ConfigError(f"unknown RettnConfig field(s) {unknown}; allowed: {self.field_names()}")
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- schedule
@@ -220,7 +222,7 @@ class RettnConfig:
         """The step kinds for a generation of ``num_steps`` steps."""
         if num_steps is None:
             if self.needs_num_steps():
-                raise ValueError(
+                raise ConfigError(
                     "the schedule uses fractions or dense_final, so it needs the number of steps: "
                     "apply rettn to the pipeline (not the bare transformer), or set "
                     "RettnConfig(num_inference_steps=N) / handle.set_num_inference_steps(N)"
@@ -263,9 +265,9 @@ def load_preset(name: str) -> dict:
     import yaml
 
     if not isinstance(name, str) or name not in preset_names():
-        raise ValueError(f"unknown preset {name!r}; available presets: {preset_names()}")
+        raise ConfigError(f"unknown preset {name!r}; available presets: {preset_names()}")
     text = resources.files("rettn.configs.presets").joinpath(f"{name}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     if "config" not in data or not isinstance(data["config"], dict):
-        raise ValueError(f"preset {name!r} has no 'config' mapping")
+        raise ConfigError(f"preset {name!r} has no 'config' mapping")
     return data

@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rettn.ops import selection
-from rettn.ops.attention import attention_with_lse, backend_choices, cache_step_attention, sparse_step_attention
 from rettn.core.config import RESIDUAL_DTYPES, RettnConfig, Schedule
-from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
-from rettn.ops.layout import BlockSparseLayout
 from rettn.core.residual import ResidualStore
+from rettn.errors import ConfigError, MemoryBudgetError, NumericalError
+from rettn.ops import selection
+from rettn.ops.attention import (
+    attention_with_lse,
+    backend_choices,
+    cache_step_attention,
+    sparse_step_attention,
+)
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
 
 
 def _bytes(n: float) -> str:
@@ -410,7 +416,7 @@ class Engine:
 
     def _raise_not_finite(self, layers):
         record = self.records[-1]
-        raise FloatingPointError(
+        raise NumericalError(
             f"rettn: the attention output of layer(s) {layers} at step {record.step} ({record.kind} step, CFG "
             f"branch {self.branch}) holds NaN or inf. Usual causes: the model's activations "
             "overflowed before attention (fp16: run in bfloat16 or float32; dense attention is NaN there "
@@ -474,7 +480,7 @@ class Engine:
                 layout = selection.window(seq, cfg.keep, bs, dense_spans=spans, device=q.device)
             else:
                 if info.grid is None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"pattern='frame_window' needs the token grid (frames, height, width), which "
                         f"rettn cannot read for this {self.family} call; use pattern='topk' or 'window'"
                     )
@@ -510,7 +516,7 @@ class Engine:
         branches = self._branches_seen()
         need = self._entry_bytes(q) * self.n_layers * branches
         if need > budget:
-            raise MemoryError(
+            raise MemoryBudgetError(
                 f"rettn would cache {_bytes(need)} of Re-ttention statistics (rho + R for "
                 f"{self.n_layers} layers x {branches} CFG branch(es), attention "
                 f"{tuple(q.shape)}), over max_cache_bytes={_bytes(budget)}. Options: "

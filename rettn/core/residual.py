@@ -32,6 +32,8 @@ import weakref
 
 import torch
 
+from rettn.errors import ConfigError
+
 
 class ResidualStore:
     """Puts cached residuals where the config says and brings them back for the sparse steps.
@@ -43,7 +45,7 @@ class ResidualStore:
 
     def __init__(self, device: str | None = None, prefetch: bool = True):
         if device not in (None, "cpu"):
-            raise ValueError(f"residual device must be None or 'cpu', got {device!r}")
+            raise ConfigError(f"residual device must be None or 'cpu', got {device!r}")
         self.device = device
         self.prefetch = prefetch
         self._order: list[int] = []  # sequence numbers of the live offloaded residuals, increasing

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from rettn.errors import UnsupportedError
 from rettn.ops import _dense as dense
 
 ENV_MEASURE = "RETTN_BACKEND_MEASURE"
@@ -390,7 +391,7 @@ class BackendChooser:
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run is reported, not raised
                     record["skipped"][name] = f"failed: {_first_line(e)}"
             if not outputs:
-                raise RuntimeError(f"rettn: no attention backend could run this call: {record['skipped']}")
+                raise UnsupportedError(f"rettn: no attention backend could run this call: {record['skipped']}")
             baseline = next((n for n in _REFERENCES if n in outputs), next(iter(outputs)))
             record["baseline"] = baseline
             for name in list(outputs):

@@ -27,6 +27,8 @@ import functools
 
 import torch
 
+from rettn.errors import UnsupportedError
+
 KERNELS = ("flash", "cudnn", "efficient", "cpu")
 _OPS = {
     "flash": "_scaled_dot_product_flash_attention",
@@ -91,7 +93,7 @@ def attention(name: str, q, k, v, scale: float):
     """Dense attention with kernel ``name``: ``(out, lse)``, lse (B, H, Sq) float32 contiguous."""
     op = _op(name)
     if op is None:
-        raise RuntimeError(unsupported_reason(name, q))
+        raise UnsupportedError(unsupported_reason(name, q))
     overload, fixed, lse_at = op
     res = overload(q, k, v, **fixed, scale=scale)
     b, h, sq = q.shape[:3]

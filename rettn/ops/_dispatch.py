@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import torch
 
-from rettn.ops.layout import BlockSparseLayout
 from rettn.ops import _choice as choice
 from rettn.ops import _dense as dense
-from rettn.ops.reference import cache_statistics, masked_attention_reference, step_rho
 from rettn.ops._torch import torch_block_sparse_attention
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.reference import cache_statistics, masked_attention_reference, step_rho
 
 
 def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):

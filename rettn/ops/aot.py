@@ -32,8 +32,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from rettn.ops.layout import BlockSparseLayout
 from rettn.ops import _triton as triton_sparse
+from rettn.ops.layout import BlockSparseLayout
 
 ARCHS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from rettn.errors import InputError, InputTypeError, UnsupportedError
 from rettn.ops import _choice as choice
 from rettn.ops import _dispatch as ops
 from rettn.ops._choice import backend_choices, triton_installed  # noqa: F401 - public / patched in tests
@@ -36,28 +37,28 @@ def _check_qkv(q, k, v) -> None:
             return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
+            raise InputError(
                 f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
             )
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+            raise InputTypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputTypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(
+        raise InputError(
             "q, k, v must agree on batch and heads, and k, v on sequence length: got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(
+        raise InputError(
             f"q, k, v must share the head dim, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}"
         )
     if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError("sequence lengths must be positive")
+        raise InputError("sequence lengths must be positive")
 
 
 def _scale(scale, q) -> float:
@@ -66,19 +67,19 @@ def _scale(scale, q) -> float:
     if type(scale) is not float:  # a plain float (the usual case) needs no conversion
         # numbers, numpy scalars and one-element tensors convert; text and bools are not scales
         if isinstance(scale, (str, bytes, bool)):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
+            raise InputError(f"scale must be a positive number, got {scale!r}")
         try:
             scale = float(scale)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"scale must be a positive number, got {scale!r}") from None
+            raise InputError(f"scale must be a positive number, got {scale!r}") from None
     if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+        raise InputError(f"scale must be positive, got {scale}")
     return scale
 
 
 def _triton():
     if not triton_installed():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        raise UnsupportedError("backend='triton' needs the triton package (pip install triton)")
     return choice.triton_module()
 
 
@@ -86,7 +87,7 @@ def _flex_attention():
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError as e:  # pragma: no cover - torch >= 2.5 has it
-        raise RuntimeError("backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)") from e
+        raise UnsupportedError("backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)") from e
     return flex_attention
 
 
@@ -138,13 +139,13 @@ def _resolve_backend(backend, q, layout) -> str:
     if backend is None or backend == "auto":
         return _auto(q)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+        raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     if backend == "triton":
         if not triton_installed():
             _triton()  # the error
         reason = _triton_reason(q, layout)
         if reason:
-            raise ValueError(reason)
+            raise InputError(reason)
     if backend == "flex":
         _flex_attention()
     return backend
@@ -152,20 +153,20 @@ def _resolve_backend(backend, q, layout) -> str:
 
 def _check_layout(layout, q, k) -> None:
     if not isinstance(layout, BlockSparseLayout):
-        raise TypeError(f"layout must be a rettn.BlockSparseLayout, got {type(layout).__name__}")
+        raise InputTypeError(f"layout must be a rettn.BlockSparseLayout, got {type(layout).__name__}")
     if layout.seq_q != q.shape[2] or layout.seq_k != k.shape[2]:
-        raise ValueError(
+        raise InputError(
             f"layout is for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q has {q.shape[2]} "
             f"and k has {k.shape[2]} tokens"
         )
     lb, lh, _ = layout.kv_num_blocks.shape
     if lb not in (1, q.shape[0]) or lh not in (1, q.shape[1]):
-        raise ValueError(
+        raise InputError(
             f"layout has batch={lb}, heads={lh}; q has batch={q.shape[0]}, heads={q.shape[1]} "
             "(each must match or be 1)"
         )
     if layout.device != q.device:
-        raise ValueError(
+        raise InputError(
             f"layout is on {layout.device} but q is on {q.device}; move it with layout.to(device)"
         )
 
@@ -286,12 +287,12 @@ _RESIDUAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _check_stat(name, t, q, dims):
     """``t`` must broadcast to q's leading ``dims`` dims (B|1, H|1, Sq[, D])."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     want = tuple(q.shape[:dims])
     if t.dim() != dims or t.shape[2:] != want[2:] or any(n not in (1, w) for n, w in zip(t.shape[:2], want[:2])):
-        raise ValueError(f"{name} must have shape {want} (batch and heads may be 1), got {tuple(t.shape)}")
+        raise InputError(f"{name} must have shape {want} (batch and heads may be 1), got {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        raise InputTypeError(f"{name} must be a floating tensor, got {t.dtype}")
 
 
 def sparse_step_attention(q, k, v, layout, rho=None, residual=None, scale=None, ramp=0.0, clamp_rho=True,
@@ -321,7 +322,7 @@ def sparse_step_attention(q, k, v, layout, rho=None, residual=None, scale=None, 
         residual = residual.to(q.device, non_blocking=True)
     ramp = float(ramp)
     if not ramp >= 0 or ramp == float("inf"):
-        raise ValueError(f"ramp must be a finite number >= 0, got {ramp}")
+        raise InputError(f"ramp must be a finite number >= 0, got {ramp}")
     backend = _resolve_backend(backend, q, layout)
     args = (q, k, v, layout, scale, backend, rho, residual, ramp, bool(clamp_rho), bool(check_finite))
     if not torch.compiler.is_compiling() or _needs_autograd(q, k, v, rho, residual):
@@ -350,7 +351,7 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
     _check_layout(layout, q, k)
     scale = _scale(scale, q)
     if residual_dtype is not None and residual_dtype not in _RESIDUAL_DTYPES:
-        raise TypeError(f"residual_dtype must be one of {_RESIDUAL_DTYPES} or None, got {residual_dtype!r}")
+        raise InputTypeError(f"residual_dtype must be one of {_RESIDUAL_DTYPES} or None, got {residual_dtype!r}")
     backend = _resolve_backend(backend, q, layout)
     out_dense, lse_dense = attention_with_lse(q, k, v, scale=scale)
     rdt = (residual_dtype or q.dtype) if use_residual else None

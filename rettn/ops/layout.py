@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rettn.errors import InputError, InputTypeError
+
 
 def _num_blocks(seq: int, block: int) -> int:
     return (seq + block - 1) // block
@@ -25,7 +27,7 @@ def _check_positive_int(name: str, value) -> int:
     if type(value) is int and value > 0:  # the usual case
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -140,25 +142,25 @@ class BlockSparseLayout:
                 object.__setattr__(self, name, checked)
         n, idx = self.kv_num_blocks, self.kv_indices
         if not isinstance(n, torch.Tensor) or not isinstance(idx, torch.Tensor):
-            raise TypeError("kv_num_blocks and kv_indices must be torch tensors")
+            raise InputTypeError("kv_num_blocks and kv_indices must be torch tensors")
         if n.dtype != torch.int32 or idx.dtype != torch.int32:
-            raise TypeError(
+            raise InputTypeError(
                 f"kv_num_blocks and kv_indices must be int32, got {n.dtype} and {idx.dtype}"
             )
         if n.dim() != 3 or idx.dim() != 4 or idx.shape[:3] != n.shape:
-            raise ValueError(
+            raise InputError(
                 "expected kv_num_blocks of shape (B, H, nQ) and kv_indices of shape "
                 f"(B, H, nQ, max_kv), got {tuple(n.shape)} and {tuple(idx.shape)}"
             )
         if n.device != idx.device:
-            raise ValueError("kv_num_blocks and kv_indices must be on the same device")
+            raise InputError("kv_num_blocks and kv_indices must be on the same device")
         if n.shape[2] != self.num_q_blocks:
-            raise ValueError(
+            raise InputError(
                 f"kv_num_blocks has {n.shape[2]} query blocks, but seq_q={self.seq_q} with "
                 f"block_q={self.block_q} needs {self.num_q_blocks}"
             )
         if idx.shape[3] < 1:
-            raise ValueError("kv_indices must have at least one column")
+            raise InputError("kv_indices must have at least one column")
         if self.validate:
             self.check()
 
@@ -181,18 +183,18 @@ class BlockSparseLayout:
             return
         if int(n.min()) < 1:
             b, h, r = (int(x) for x in torch.nonzero(n < 1)[0])
-            raise ValueError(
+            raise InputError(
                 f"query block {r} (batch {b}, head {h}) attends no key block; every query block "
                 "needs at least one (keep the diagonal block or a dense span)"
             )
         if int(n.max()) > idx.shape[3]:
-            raise ValueError(
+            raise InputError(
                 f"kv_num_blocks has a count {int(n.max())} larger than kv_indices' {idx.shape[3]} columns"
             )
         valid = self._valid_mask()
         used = idx[valid]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.num_k_blocks):
-            raise ValueError(
+            raise InputError(
                 f"kv_indices must lie in [0, {self.num_k_blocks}) (seq_k={self.seq_k}, "
                 f"block_k={self.block_k}), got values in [{int(used.min())}, {int(used.max())}]"
             )
@@ -223,12 +225,12 @@ class BlockSparseLayout:
         block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
         seq_q, seq_k = _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k)
         if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
-            raise ValueError("block_mask must be a 4-D (B, H, nQ, nK) tensor")
+            raise InputError("block_mask must be a 4-D (B, H, nQ, nK) tensor")
         if block_mask.dtype != torch.bool:
-            raise TypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
+            raise InputTypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
         nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
         if tuple(block_mask.shape[2:]) != (nq, nk):
-            raise ValueError(
+            raise InputError(
                 f"block_mask has {tuple(block_mask.shape[2:])} (nQ, nK) blocks, but seq_q={seq_q}, "
                 f"seq_k={seq_k} with blocks ({block_q}, {block_k}) need ({nq}, {nk})"
             )
@@ -276,7 +278,7 @@ class BlockSparseLayout:
         """A view broadcast to (batch, heads); raises if the layout cannot broadcast."""
         b, h, _ = self.kv_num_blocks.shape
         if b not in (1, batch) or h not in (1, heads):
-            raise ValueError(
+            raise InputError(
                 f"layout with batch={b}, heads={h} cannot be used for batch={batch}, heads={heads} "
                 "(each must match or be 1)"
             )

@@ -17,15 +17,23 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from rettn.errors import InputError, InputTypeError
 from rettn.ops.attention import _scale
-from rettn.ops.layout import BlockSparseLayout, _check_positive_int, _dense_to_kv, _num_blocks, block_sizes, ceil_blocks
+from rettn.ops.layout import (
+    BlockSparseLayout,
+    _check_positive_int,
+    _dense_to_kv,
+    _num_blocks,
+    block_sizes,
+    ceil_blocks,
+)
 
 Span = tuple[int, int]
 
 
 def _check_keep(keep, name: str = "keep") -> float:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise ValueError(f"{name} must be a fraction in (0, 1], got {keep!r}")
+        raise InputError(f"{name} must be a fraction in (0, 1], got {keep!r}")
     return float(keep)
 
 
@@ -34,7 +42,7 @@ def _check_nonneg_int(name: str, value) -> int:
     if type(value) is int and value >= 0:  # the usual case
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -52,18 +60,18 @@ def _check_grid(grid) -> tuple[int, int, int]:
             values = None
     if values is None or len(values) != 3:
         shown = grid if values is None else values
-        raise ValueError(f"grid must be (frames, height, width) in tokens: three positive integers, got {shown!r}")
+        raise InputError(f"grid must be (frames, height, width) in tokens: three positive integers, got {shown!r}")
     return tuple(_check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), values))
 
 
 def _check_qk(q, k) -> None:
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor, got shape {tuple(t.shape)}")
+            raise InputError(f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor, got shape {tuple(t.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
+        raise InputError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim"
         )
 
@@ -196,7 +204,7 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
     video_start = _check_nonneg_int("video_start", video_start)
     seq_len = video_start + n_video if seq_len is None else _check_positive_int("seq_len", seq_len)
     if video_start + n_video > seq_len:
-        raise ValueError(
+        raise InputError(
             f"grid {tuple(grid)} holds {n_video} video tokens starting at {video_start}, which does "
             f"not fit a sequence of {seq_len} tokens (expected seq_len >= {video_start + n_video})"
         )
@@ -232,9 +240,9 @@ def _span_blocks(spans: Sequence[Span], seq: int, block: int, device) -> torch.T
         try:
             start, end = (int(x) for x in span)
         except (TypeError, ValueError):
-            raise ValueError(f"dense spans must be (start, end) token ranges, got {span!r}") from None
+            raise InputError(f"dense spans must be (start, end) token ranges, got {span!r}") from None
         if not 0 <= start < end <= seq:
-            raise ValueError(
+            raise InputError(
                 f"dense span {(start, end)} must satisfy 0 <= start < end <= {seq} (sequence length)"
             )
         hit[start // block : (end - 1) // block + 1] = True
@@ -249,7 +257,7 @@ def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSp
     CogVideoX's text (first), ``[(seq - n_text, seq)]`` for HunyuanVideo (last).
     """
     if layout.seq_q != layout.seq_k:
-        raise ValueError("dense spans apply to self-attention layouts (seq_q == seq_k)")
+        raise InputError("dense spans apply to self-attention layouts (seq_q == seq_k)")
     if not spans:
         return layout
     rows = _span_blocks(spans, layout.seq_q, layout.block_q, layout.device)
