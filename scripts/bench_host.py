@@ -14,7 +14,7 @@ dispatch; on a GPU each would be one kernel launch, whose host cost is of the sa
   choice (what auto costs per call on CUDA; CPU auto is measured here only because the bench
   enables measurement for this row).
 
-The Triton launch ``_block_sparse_fwd[grid](...)`` is replaced by a no-op, so nothing runs on a
+The Triton launch ``attn_fwd[grid](...)`` is replaced by a no-op, so nothing runs on a
 device and the outputs are the buffers the wrapper allocated. ``TRITON_INTERPRET=1`` is set only
 so that the triton backend accepts CPU tensors; the interpreter never runs (the launch is mocked).
 A benchmark, not a test: numbers are medians over many calls on a shared machine.
@@ -159,8 +159,8 @@ def main(argv=None) -> int:
 
     stack = contextlib.ExitStack()
     auto = _auto_case(q, k, v, layout, scale, stack)  # measures with the real kernel (the interpreter), once
-    real_kernel = triton_sparse._block_sparse_fwd
-    triton_sparse._block_sparse_fwd = _NoLaunch()
+    real_kernel = triton_sparse.attn_fwd
+    triton_sparse.attn_fwd = _NoLaunch()
     try:
         cases = {
             "block_sparse_attention": lambda: rettn.block_sparse_attention(q, k, v, layout, scale=scale,
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
             profile_text = buf.getvalue()
     finally:
-        triton_sparse._block_sparse_fwd = real_kernel
+        triton_sparse.attn_fwd = real_kernel
         stack.close()
 
     report = {
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         "shape": {"batch": b, "heads": h, "seq": s, "head_dim": d, "block": args.block, "keep": args.keep,
                   "density": layout.density()},
         "target_us": TARGET_US,
-        "mock": "triton_sparse._block_sparse_fwd[grid](...) replaced by a no-op",
+        "mock": "triton_sparse.attn_fwd[grid](...) replaced by a no-op",
         "rows": rows,
     }
     print(f"host time per call, launch mocked ({b}x{h}x{s}x{d}, block {args.block}, torch {torch.__version__}, "

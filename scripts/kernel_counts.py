@@ -262,7 +262,7 @@ def step_counts(batch=2, heads=30, seq=17776, head_dim=64, block=128, dtype=torc
     with _as_on_gpu():
         # once per layout / per stream, not per call: a static layout's launch order, the flag's scratch
         triton_sparse.launch_order(layout, batch, heads, math.ceil(seq / block), block)
-        triton_sparse._scratch(meta)
+        triton_sparse.flag_scratch(meta)
         for name, fn in runs.items():
             with Counter(density) as c:
                 fn()

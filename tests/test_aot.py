@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rettn.ops import aot
-from rettn.ops import triton_sparse as ts
+from rettn.ops import _tiles as ts
 
 SUBSET = [
     aot.Case("sm_90", "bf16", 64, "sparse", 128, lse=True),

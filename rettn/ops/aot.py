@@ -1,6 +1,6 @@
 """Ahead-of-time compiles of rettn's Triton kernel for GPUs this machine does not have.
 
-Each configuration is built by the dispatcher itself (:func:`triton_sparse.prepare` on meta
+Each configuration is built by the dispatcher itself (:func:`rettn.ops._triton.prepare` on meta
 tensors, with the GPU's compute capability given), specialised by the JIT's own binder (ints
 equal to 1 become constants, ints divisible by 16 and 16-byte aligned pointers get
 ``tt.divisibility``), compiled with ``triton.compile`` for that target and inspected: registers,
@@ -32,6 +32,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from rettn.errors import InputError
+from rettn.ops import _tiles as tiles
 from rettn.ops import _triton as triton_sparse
 from rettn.ops.layout import BlockSparseLayout
 
@@ -144,7 +146,7 @@ def _build(case, q, k, v, layout, scale, cap):
         return prep(mode="step", check=True)
     if case.kind == "cache":
         return prep(mode="cache", residual=res, lse_dense=rho, out_dtype=dt, write_rho=True, check=True)
-    raise ValueError(f"unknown kind {case.kind!r}")
+    raise InputError(f"unknown kind {case.kind!r}")
 
 
 def _specialise(fn: JITFunction, launch: triton_sparse.Launch, target: GPUTarget):
@@ -177,12 +179,12 @@ def inspect(kernel, case: Case, launch, seconds: float) -> Result:
     bufs = max([int(x[0]) for x in _MEMDESC.findall(ttgir)] or [1])
     cfg = launch.config
     cap = ARCHS[case.arch]
-    bd = triton_sparse.block_d_for(case.head_dim)
+    bd = tiles.block_d_for(case.head_dim)
     return Result(
         case=case, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         registers=reg, stack=stack, local=local, shared=int(kernel.metadata.shared),
-        smem_limit=triton_sparse.smem_limit(cap),
-        smem_estimate=triton_sparse.smem_estimate(cfg, bd, DTYPES[case.dtype].itemsize, cap),
+        smem_limit=tiles.smem_limit(cap),
+        smem_estimate=tiles.smem_estimate(cfg, bd, DTYPES[case.dtype].itemsize, cap),
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), cp_async_16=len(_CP16.findall(ptx)),
         kv_buffers=bufs, narrow_loads=len(_NARROW.findall(ptx)), compile_s=seconds,
     )
@@ -200,7 +202,7 @@ def compile_launch(case: Case, launch: triton_sparse.Launch) -> Result:
         raise RuntimeError(
             "triton was imported with TRITON_INTERPRET=1, so its language library is the interpreter's and "
             "cannot be compiled: compile in a process without it (rettn.ops.aot.compile_in_subprocess)")
-    fn = triton_sparse._attn_fwd
+    fn = triton_sparse.attn_fwd
     target = GPUTarget("cuda", ARCHS[case.arch][0] * 10 + ARCHS[case.arch][1], 32)
     options, signature, constexprs, attrs = _specialise(fn, launch, target)
     start = time.perf_counter()
