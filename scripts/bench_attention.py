@@ -153,11 +153,11 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         stats = time_calls(fns, device, args.repeats, args.warmup, target_s=args.window_ms / 1e3)
-    from rettn.ops.attention import _auto_backend
+    from rettn.ops.attention import auto_backend
 
     row = dict(seq=seq, keep=keep, text_len=args.text_len, density=layout.density(),
                kv_blocks_per_row=float(layout.kv_num_blocks.float().mean()), num_k_blocks=layout.num_k_blocks,
-               backend=backend or _auto_backend(q, layout),
+               backend=backend or auto_backend(q, layout),
                ms={name: 1e3 * s["median_s"] for name, s in stats.items()},
                ms_p20_p80={name: [1e3 * s["p20_s"], 1e3 * s["p80_s"]] for name, s in stats.items()},
                calls_per_window={name: s["calls"] for name, s in stats.items()},

@@ -12,8 +12,13 @@ from helpers import qkv
 import rettn
 from rettn.ops import attention as att
 from rettn.ops import selection
-from rettn.ops import choice, dense, masked_attention_reference, ops, triton_sparse
-from rettn.ops.layout import BlockSparseLayout, _memo
+from rettn.ops import _candidates as candidates
+from rettn.ops import _choice as choice
+from rettn.ops import _dense as dense
+from rettn.ops import _dispatch as ops
+from rettn.ops import _tiles as tiles
+from rettn.ops.layout import BlockSparseLayout, layout_memo, trusted_layout
+from rettn.ops.reference import masked_attention_reference
 
 S, D, BLOCK = 128, 32, 32
 
@@ -186,12 +191,12 @@ def test_cpu_auto_stays_the_torch_path_unless_measurement_is_enabled():
     quiet = choice.BackendChooser(timer=fake_timer({}))  # measure defaults to "cuda"
     assert quiet.measure == "cuda" and not quiet.measures(q.device)
     with choice.use_chooser(quiet):
-        assert att._resolve_backend(None, q, layout) == "torch"
+        assert att.resolve_backend(None, q, layout) == "torch"
         out = rettn.block_sparse_attention(q, k, v, layout)
         assert quiet.choices() == []  # nothing consulted it
     assert torch.equal(out, rettn.block_sparse_attention(q, k, v, layout, backend="torch"))
     with choice.use_chooser(choice.BackendChooser(measure=True, timer=fake_timer({}))):
-        assert att._resolve_backend(None, q, layout) == "auto"
+        assert att.resolve_backend(None, q, layout) == "auto"
     with choice.use_chooser(choice.BackendChooser(measure=False, timer=fake_timer({}))) as off:
         out = ops.run(q, k, v, layout, D ** -0.5, "auto", False)[0]  # what a CUDA call would do
         (rec,) = off.choices()
@@ -268,45 +273,45 @@ def _cuda_like(dtype, d=64):
 def test_float32_on_cuda_never_reaches_the_triton_kernel():
     layout = BlockSparseLayout.dense(256, 256, 128, 128)
     q32, q16 = _cuda_like(torch.float32), _cuda_like(torch.bfloat16)
-    assert choice.triton_reason(q32, layout) == choice.FP32_CUDA_REASON
-    assert choice.triton_reason(q16, layout) is None
-    names, skipped = choice.default_candidates("sparse", q32, layout, False, False)
+    assert candidates.triton_reason(q32, layout) == candidates.FP32_CUDA_REASON
+    assert candidates.triton_reason(q16, layout) is None
+    names, skipped = candidates.default_candidates("sparse", q32, layout, False, False)
     assert not any(n.startswith("triton") for n in names) and {"torch", "flex"} <= set(names)
-    assert skipped["triton"] == choice.FP32_CUDA_REASON
-    assert choice.default_choice("sparse", q32, names) == "torch"
-    names16, _ = choice.default_candidates("sparse", q16, layout, False, False)
+    assert skipped["triton"] == candidates.FP32_CUDA_REASON
+    assert candidates.default_choice("sparse", q32, names) == "torch"
+    names16, _ = candidates.default_candidates("sparse", q16, layout, False, False)
     assert names16[:3] == ["triton:128x64", "triton:64x64", "triton:128x32"]
-    assert choice.default_choice("sparse", q16, names16) == "triton"
+    assert candidates.default_choice("sparse", q16, names16) == "triton"
     # dense with lse: flash / cuDNN take 16-bit only, the memory-efficient kernel takes fp32
-    dnames, dskipped = choice.default_candidates("dense+lse", q32, None, False, False)
+    dnames, dskipped = candidates.default_candidates("dense+lse", q32, None, False, False)
     assert "sdpa:efficient" in dnames and "sdpa:flash" in dskipped and "sdpa:cudnn" in dskipped
-    assert choice.default_choice("dense+lse", q32, dnames) == "sdpa:efficient"
-    dnames16, _ = choice.default_candidates("dense+lse", q16, None, False, False)
+    assert candidates.default_choice("dense+lse", q32, dnames) == "sdpa:efficient"
+    dnames16, _ = candidates.default_candidates("dense+lse", q16, None, False, False)
     assert {"sdpa:flash", "sdpa:cudnn", "sdpa:efficient"} <= set(dnames16)
-    assert choice.default_choice("dense+lse", q16, dnames16) == "sdpa:flash"
+    assert candidates.default_choice("dense+lse", q16, dnames16) == "sdpa:flash"
     # asked for by name: a clear error that says what to use instead
     with pytest.raises(ValueError, match="backend='triton' does not run float32 on CUDA.*bfloat16"):
-        att._resolve_backend("triton", q32, layout)
-    assert att._resolve_backend("triton", q16, layout) == "triton"
+        att.resolve_backend("triton", q32, layout)
+    assert att.resolve_backend("triton", q16, layout) == "triton"
 
 
 def test_tile_options_divide_the_blocks_default_first():
-    assert choice.tile_options(128, 128, 64, "cuda") == [(128, 64), (64, 64), (128, 32)]
-    assert choice.tile_options(64, 64, 64, "cuda") == [(64, 64), (64, 32)]
-    assert choice.tile_options(128, 128, 256, "cuda") == [(64, 32), (32, 32), (64, 64)]
-    own = triton_sparse.tile_config((8, 0), 128, torch.bfloat16, 128, 128, "step")  # the kernel's own pick first
-    assert choice.tile_options(128, 128, 128, "cuda", (own.block_m, own.block_n))[0] == (own.block_m, own.block_n)
-    assert len(choice.tile_options(128, 128, 128, "cuda", (128, 32))) == 3
-    assert choice.parse("triton:128x64") == ("triton", (128, 64)) and choice.parse("torch") == ("torch", None)
-    assert choice.parse("triton") == ("triton", None) and choice.parse("sdpa:flash") == ("sdpa", "flash")
+    assert candidates.tile_options(128, 128, 64, "cuda") == [(128, 64), (64, 64), (128, 32)]
+    assert candidates.tile_options(64, 64, 64, "cuda") == [(64, 64), (64, 32)]
+    assert candidates.tile_options(128, 128, 256, "cuda") == [(64, 32), (32, 32), (64, 64)]
+    own = tiles.tile_config((8, 0), 128, torch.bfloat16, 128, 128, "step")  # the kernel's own pick first
+    assert candidates.tile_options(128, 128, 128, "cuda", (own.block_m, own.block_n))[0] == (own.block_m, own.block_n)
+    assert len(candidates.tile_options(128, 128, 128, "cuda", (128, 32))) == 3
+    assert candidates.parse("triton:128x64") == ("triton", (128, 64)) and candidates.parse("torch") == ("torch", None)
+    assert candidates.parse("triton") == ("triton", None) and candidates.parse("sdpa:flash") == ("sdpa", "flash")
 
 
 def test_dense_kernels_are_called_by_their_schema_and_return_lse():
     for name in ("flash", "cudnn", "efficient", "cpu"):
-        overload, fixed, lse_at = dense._op(name)  # this torch has all four, lse second
+        overload, fixed, lse_at = dense.kernel_op(name)  # this torch has all four, lse second
         assert lse_at == 1 and "scale" not in fixed
-    assert dense._op("cudnn")[1]["compute_log_sumexp"] is True
-    assert dense._op("efficient")[1]["compute_log_sumexp"] is True
+    assert dense.kernel_op("cudnn")[1]["compute_log_sumexp"] is True
+    assert dense.kernel_op("efficient")[1]["compute_log_sumexp"] is True
     q, k, v = qkv(2, 3, 100, 48, seed=12)
     out, lse = dense.attention("cpu", q.transpose(1, 2).contiguous().transpose(1, 2), k, v, 0.2)
     ref_out, ref_lse = masked_attention_reference(q, k, v, None, 0.2)
@@ -325,7 +330,7 @@ def test_cuda_dense_kernels_bind_and_their_lse_is_cut_to_shape(name, seq):
     # torch's meta kernels give the CUDA ops' real output shapes without a GPU: cuDNN's lse is
     # (B, H, Sq, 1), the efficient kernel's is padded to a multiple of 32 queries
     q = torch.empty(2, 3, seq, 64, dtype=torch.bfloat16, device="meta")
-    overload, fixed, lse_at = dense._op(name)
+    overload, fixed, lse_at = dense.kernel_op(name)
     raw = overload(q, q, q, **fixed, scale=0.125)[lse_at]
     assert raw.shape == {"flash": (2, 3, seq), "cudnn": (2, 3, seq, 1),
                          "efficient": (2, 3, -(-seq // 32) * 32)}[name]
@@ -347,7 +352,7 @@ def test_a_layout_builds_its_block_mask_once():
     bm = layout.to_block_mask()
     assert layout.to_block_mask() is bm
     # the op rebuilds a layout around the same tensors: it gets the same mask
-    again = BlockSparseLayout._trusted(layout.kv_num_blocks, layout.kv_indices, BLOCK, BLOCK, S, S)
+    again = trusted_layout(layout.kv_num_blocks, layout.kv_indices, BLOCK, BLOCK, S, S)
     assert again.to_block_mask() is bm
     other_blocks = BlockSparseLayout(layout.kv_num_blocks, layout.kv_indices, BLOCK, BLOCK, S - 1, S - 1)
     assert other_blocks.to_block_mask() is not bm
@@ -357,21 +362,21 @@ def test_a_layout_builds_its_block_mask_once():
 
 
 def test_the_layout_memo_forgets_freed_layouts():
-    before = len(_memo)
+    before = len(layout_memo)
     q, k, v = qkv(1, 1, 256, D, seed=15)
     for i in range(5):
         lay = selection.topk(q + i, k, 0.25, block_q=BLOCK)
         lay.density()
         del lay
-    assert len(_memo) <= before + 1  # the last one's entry goes with the next lookup
+    assert len(layout_memo) <= before + 1  # the last one's entry goes with the next lookup
     q2 = selection.topk(q, k, 0.5, block_q=BLOCK)
     q2.density()
-    assert len(_memo) <= before + 1
+    assert len(layout_memo) <= before + 1
 
 
 def test_trusted_and_checked_layouts_agree():
     _, _, _, layout = inputs(seed=16)
-    t = BlockSparseLayout._trusted(layout.kv_num_blocks, layout.kv_indices, BLOCK, BLOCK, S, S)
+    t = trusted_layout(layout.kv_num_blocks, layout.kv_indices, BLOCK, BLOCK, S, S)
     assert repr(t) == repr(layout) and t.validate is False
     e = layout.expand(1, 2)
     assert e is layout

@@ -113,4 +113,4 @@ def test_auto_backend_is_triton_on_cuda():
     import rettn.ops.attention as att
 
     q = torch.zeros(1, 1, 256, 64, device="cuda", dtype=torch.bfloat16)
-    assert att._resolve_backend(None, q, rettn.BlockSparseLayout.dense(256, 256, device="cuda")) == "triton"
+    assert att.resolve_backend(None, q, rettn.BlockSparseLayout.dense(256, 256, device="cuda")) == "triton"

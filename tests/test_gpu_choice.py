@@ -8,7 +8,9 @@ from helpers import assert_close_to_truth, qkv
 import rettn
 from rettn.ops import attention as att
 from rettn.ops import selection
-from rettn.ops import choice, dense
+from rettn.ops import _candidates as candidates
+from rettn.ops import _choice as choice
+from rettn.ops import _dense as dense
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,10 +60,10 @@ def test_float32_on_cuda_runs_without_the_triton_kernel():
         dout, dlse = rettn.attention_with_lse(q, k, v)
         recs = {r["op"]: r for r in ch.choices()}
     assert not recs["sparse+lse"]["choice"].startswith("triton")
-    assert recs["sparse+lse"]["skipped"]["triton"] == choice.FP32_CUDA_REASON
+    assert recs["sparse+lse"]["skipped"]["triton"] == candidates.FP32_CUDA_REASON
     assert recs["dense+lse"]["choice"] in ("sdpa:efficient", "torch")
     assert_close_to_truth(out, lse, q, k, v, layout, floor=1e-4)
     assert_close_to_truth(dout, dlse, q, k, v, floor=1e-4)
     with pytest.raises(ValueError, match="does not run float32 on CUDA"):
         rettn.block_sparse_attention(q, k, v, layout, backend="triton")
-    assert att._auto_backend(q, layout) == "auto"
+    assert att.auto_backend(q, layout) == "auto"

@@ -173,9 +173,9 @@ def test_triton_backend_rejects_what_it_cannot_run():
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch):
-    import rettn.ops.attention as att
+    import rettn.ops._dispatch as dispatch
 
-    monkeypatch.setattr(att, "triton_installed", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
     q, k, v = qkv(1, 1, 64, 64)
     with pytest.raises(RuntimeError, match="needs the triton package"):
         rettn.block_sparse_attention(q, k, v, rettn.BlockSparseLayout.dense(64, 64, 64, 64), backend="triton")
@@ -188,7 +188,7 @@ def test_auto_backend_on_cpu_is_torch():
     import rettn.ops.attention as att
 
     q = torch.zeros(1, 1, 64, 64)
-    assert att._resolve_backend(None, q, rettn.BlockSparseLayout.dense(64, 64, 64, 64)) == "torch"
+    assert att.resolve_backend(None, q, rettn.BlockSparseLayout.dense(64, 64, 64, 64)) == "torch"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

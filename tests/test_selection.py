@@ -74,7 +74,7 @@ def test_pooling_uses_real_tail_size():
     q[0, 0, :, 1] = 5.0
     lay = selection.topk(q, k, keep=0.6, block_q=8)  # ceil(1.8) = 2 blocks
     assert rows(lay) == [[0, 2], [1, 2], [1, 2]]
-    pooled = selection._pool(k, 8)
+    pooled = selection.pool_blocks(k, 8)
     assert torch.allclose(pooled[0, 0, 2], torch.tensor([0.0, 1.0, 0.0, 0.0]))
 
 

@@ -7,7 +7,7 @@ direct call that autograd uses), which receives the backend string ``"auto"``. U
 so the choice is never traced, guarded on or recompiled for; it is made at run time, on real
 tensors, outside any graph.
 
-Candidates (the backend strings :func:`rettn.ops._dispatch.run` accepts):
+Candidates (:mod:`._candidates`; the backend strings :func:`rettn.ops._dispatch.run` accepts):
 
 - ``"triton:BMxBN"``: rettn's Triton kernel with query/key tiles BM x BN (a few tile shapes that
   divide the layout's blocks); not for float32 on CUDA (the kernel's fp32 dot products are FMA
@@ -50,95 +50,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import math
 import os
-import statistics
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from rettn.errors import UnsupportedError
-from rettn.ops import _dense as dense
+from rettn.errors import InputError, UnsupportedError
+from rettn.ops._candidates import (
+    default_candidates,
+    default_choice,
+    disagreement,
+    first_line,
+    measure_seconds,
+    sync,
+)
+from rettn.ops._tiles import triton_installed
 
 ENV_MEASURE = "RETTN_BACKEND_MEASURE"
 ENV_CACHE = "RETTN_BACKEND_CACHE"
 FILE_FORMAT = "rettn-backend-choices/1"
 OPS = ("sparse", "sparse+lse", "rescaled", "dense+lse")
-FP32_CUDA_REASON = ("float32 on CUDA does not run the Triton kernel (its fp32 dot products are FMA with "
-                    "register spills); the torch path (cuBLAS) and FlexAttention are timed instead")
 _REFERENCES = ("torch", "sdpa:flash", "sdpa:efficient", "sdpa:cpu")  # agreement baseline, in order
-_WINDOW_S = 5e-3
-_WINDOWS = 3
-
-
-# Looked up once, at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
-# this is asked inside compiled regions (a fullgraph compile of a patched block broke on it).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def triton_installed() -> bool:
-    return _TRITON_INSTALLED
-
-
-@functools.lru_cache(maxsize=None)
-def triton_module():
-    """``rettn.ops._triton``, imported at first use (it imports triton)."""
-    from rettn.ops import _triton as triton_sparse
-
-    return triton_sparse
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_reason(q: torch.Tensor, layout) -> str | None:
-    """Why auto must not pick the Triton kernel for these inputs, or None."""
-    if not triton_installed():
-        return "the triton package is not installed"
-    reason = triton_module().unsupported_reason(q, layout)
-    if reason:
-        return reason
-    if q.device.type == "cuda" and q.dtype == torch.float32:
-        return FP32_CUDA_REASON
-    return None
-
-
-def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
-                 default: tuple[int, int] | None = None) -> list[tuple[int, int]]:
-    """Tile shapes (BLOCK_M, BLOCK_N) to time for the Triton kernel, the kernel's default first
-    (``default``: what its dispatcher picks for this GPU, when known); each divides the layout's
-    blocks (tiles larger than a block are cut to the block)."""
-    if device_type != "cuda":
-        base = [(128, 128), (64, 32), (32, 16)]  # the interpreter (tests): large tiles are fastest
-    elif head_dim <= 128:
-        base = [(128, 64), (64, 64), (128, 32)]
-    else:
-        base = [(64, 32), (32, 32), (64, 64)]
-    if default is not None:
-        base = [tuple(default)] + base
-    out = []
-    for bm, bn in base:
-        t = (min(bm, block_q), min(bn, block_k))
-        if t[0] >= 16 and t[1] >= 16 and block_q % t[0] == 0 and block_k % t[1] == 0 and t not in out:
-            out.append(t)
-    return out[:3]
-
-
-@functools.lru_cache(maxsize=64)
-def parse(backend: str) -> tuple[str, object]:
-    """``"triton:128x64"`` -> ("triton", (128, 64)); ``"sdpa:flash"`` -> ("sdpa", "flash");
-    ``"torch"`` -> ("torch", None)."""
-    kind, _, arg = backend.partition(":")
-    if kind == "triton" and arg:
-        bm, _, bn = arg.partition("x")
-        return kind, (int(bm), int(bn))
-    return kind, (arg or None)
 
 
 def density_bucket(density: float) -> str:
@@ -147,123 +83,6 @@ def density_bucket(density: float) -> str:
         return "full"
     k = math.ceil(2.0 * math.log2(max(density, 1e-12)) - 1e-9)
     return f"({2.0 ** ((k - 1) / 2):.3g}, {2.0 ** (k / 2):.3g}]"
-
-
-def _flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool):
-    """(candidate backend strings, {skipped candidate: reason}) for one call."""
-    names, skipped = [], {}
-    dev = q.device.type
-    if layout is None or full:
-        for kname in (("flash", "cudnn", "efficient") if dev == "cuda" else ("cpu",)):
-            reason = dense.unsupported_reason(kname, q)
-            if reason is None:
-                names.append(f"sdpa:{kname}")
-            else:
-                skipped[f"sdpa:{kname}"] = reason
-    reason = "no backward (autograd is on)" if grad else triton_reason(q, layout)
-    if reason is None and dev != "cuda" and not _interpreting():
-        reason = "the triton backend needs CUDA tensors"
-    if reason is None:
-        bq, bk = (layout.block_q, layout.block_k) if layout is not None else ((128, 128) if dev == "cuda" else (64, 64))
-        own = None
-        if dev != "cuda" or torch.cuda.is_available():  # the kernel's own pick for this GPU first
-            kernel = triton_module()
-            cfg = kernel.tile_config(kernel.device_capability(q.device), q.shape[-1], q.dtype, bq, bk)
-            own = (cfg.block_m, cfg.block_n)
-        names.extend(f"triton:{bm}x{bn}" for bm, bn in tile_options(bq, bk, q.shape[-1], dev, own))
-    else:
-        skipped["triton"] = reason
-    if layout is not None:
-        if _flex_available():
-            names.append("flex")
-        else:
-            skipped["flex"] = "this torch has no torch.nn.attention.flex_attention"
-    if layout is not None or not names:
-        names.append("torch")
-    return names, skipped
-
-
-def default_choice(op: str, q: torch.Tensor, names: list[str]) -> str:
-    """What runs without measurement: on CUDA the Triton kernel (dense: flash, then efficient),
-    elsewhere the torch path (dense: PyTorch's CPU flash kernel)."""
-    if q.device.type == "cuda":
-        order = ("sdpa:flash", "sdpa:efficient", "triton", "torch") if op == "dense+lse" else ("triton", "torch")
-    else:
-        order = ("sdpa:cpu", "torch") if op == "dense+lse" else ("torch",)
-    for want in order:
-        for name in names:
-            if name == want or (want == "triton" and name.startswith("triton:")):
-                return "triton" if want == "triton" else name
-    return "torch"
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_seconds(fns: dict, device: torch.device) -> dict:
-    """Median seconds per call of each function, timed round-robin in windows of ~5 ms."""
-    reps = {}
-    for name, fn in fns.items():
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        reps[name] = max(1, min(50, int(_WINDOW_S / max(time.perf_counter() - t, 1e-6))))
-    times = {name: [] for name in fns}
-    for _ in range(_WINDOWS):
-        for name, fn in fns.items():
-            n = reps[name]
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(n):
-                    fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3 / n)
-            else:
-                t = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                times[name].append((time.perf_counter() - t) / n)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _tolerance(dtype) -> float:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 2e-2
-    return 1e-3 if dtype == torch.float32 else 1e-6
-
-
-def disagreement(result, reference, dtype) -> str | None:
-    """Why ``result`` = (out, lse) does not match ``reference``, or None when it does."""
-    tol = _tolerance(dtype)
-    (out, lse), (ref_out, ref_lse) = result, reference
-    ref = ref_out.float()
-    err = float((out.float() - ref).abs().max())
-    bound = tol * (1.0 + float(ref.abs().max()))
-    if not err <= bound:
-        return f"output differs from the reference by {err:.3g} (allowed {bound:.3g})"
-    if lse is not None and ref_lse is not None and lse.numel() and ref_lse.numel():
-        lerr = float((lse.float() - ref_lse.float()).abs().max())
-        if not lerr <= tol * 10:
-            return f"lse differs from the reference by {lerr:.3g} (allowed {tol * 10:.3g})"
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 class BackendChooser:
@@ -286,7 +105,7 @@ class BackendChooser:
             env = os.environ.get(ENV_MEASURE)
             measure = {"0": False, "1": True}.get(env, "cuda")
         if measure not in ("cuda", True, False):
-            raise ValueError(f"measure must be 'cuda', True or False, got {measure!r}")
+            raise InputError(f"measure must be 'cuda', True or False, got {measure!r}")
         self.measure = measure
         if cache_path is None:
             cache_path = os.environ.get(ENV_CACHE) or None
@@ -387,9 +206,9 @@ class BackendChooser:
             for name in names:
                 try:
                     outputs[name] = run(name)
-                    _sync(q.device)
+                    sync(q.device)
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run is reported, not raised
-                    record["skipped"][name] = f"failed: {_first_line(e)}"
+                    record["skipped"][name] = f"failed: {first_line(e)}"
             if not outputs:
                 raise UnsupportedError(f"rettn: no attention backend could run this call: {record['skipped']}")
             baseline = next((n for n in _REFERENCES if n in outputs), next(iter(outputs)))
@@ -445,7 +264,7 @@ class BackendChooser:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            warnings.warn(f"rettn: ignoring the backend cache {self.cache_path}: {_first_line(e)}", stacklevel=3)
+            warnings.warn(f"rettn: ignoring the backend cache {self.cache_path}: {first_line(e)}", stacklevel=3)
             return {}
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
             return {}
@@ -472,7 +291,7 @@ class BackendChooser:
             tmp.write_text(json.dumps({"format": FILE_FORMAT, "entries": entries}, indent=1, sort_keys=True))
             os.replace(tmp, self.cache_path)
         except OSError as e:
-            warnings.warn(f"rettn: could not write the backend cache {self.cache_path}: {_first_line(e)}",
+            warnings.warn(f"rettn: could not write the backend cache {self.cache_path}: {first_line(e)}",
                           stacklevel=3)
 
 

@@ -43,7 +43,7 @@ _LSE_NAMES = ("logsumexp", "log_sumexp", "lse", "softmax_lse")
 
 
 @functools.lru_cache(maxsize=None)
-def _op(name: str):
+def kernel_op(name: str):
     """(overload, fixed keyword arguments, index of the lse output) or None when torch lacks it."""
     packet = getattr(torch.ops.aten, _OPS[name], None)
     if packet is None:
@@ -64,7 +64,7 @@ def _op(name: str):
 
 
 def available(name: str) -> bool:
-    return _op(name) is not None
+    return kernel_op(name) is not None
 
 
 def unsupported_reason(name: str, q: torch.Tensor) -> str | None:
@@ -91,7 +91,7 @@ def unsupported_reason(name: str, q: torch.Tensor) -> str | None:
 
 def attention(name: str, q, k, v, scale: float):
     """Dense attention with kernel ``name``: ``(out, lse)``, lse (B, H, Sq) float32 contiguous."""
-    op = _op(name)
+    op = kernel_op(name)
     if op is None:
         raise UnsupportedError(unsupported_reason(name, q))
     overload, fixed, lse_at = op

@@ -1,6 +1,7 @@
-"""rettn's attention kernels as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque
-node per attention call (no graph break, no data-dependent shapes; the index tensors keep a static
-shape, so new block selections between steps do not recompile).
+"""Dispatch: which backend a call runs (named, or ``"auto"`` through :mod:`._choice`) and the
+backends behind ``torch.library`` custom ops, so ``torch.compile`` sees one opaque node per
+attention call (no graph break, no data-dependent shapes; the index tensors keep a static shape,
+so new block selections between steps do not recompile).
 
 ``torch.ops.rettn.sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale,
 backend, return_lse, rho, residual) -> (out, lse)``:
@@ -27,35 +28,150 @@ Inputs are validated by the public functions in :mod:`rettn.ops.attention`, whic
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from rettn.errors import InputError, UnsupportedError
 from rettn.ops import _choice as choice
 from rettn.ops import _dense as dense
+from rettn.ops._candidates import parse
+from rettn.ops._flex import flex_attention, flex_function
+from rettn.ops._tiles import interpreting, triton_installed
 from rettn.ops._torch import torch_block_sparse_attention
-from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.layout import BlockSparseLayout, trusted_layout
 from rettn.ops.reference import cache_statistics, masked_attention_reference, step_rho
+
+BACKENDS = ("triton", "torch", "flex")
+
+
+# ------------------------------------------------------------------ which backend a call runs
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """``rettn.ops._triton``, imported at first use (it imports triton)."""
+    from rettn.ops import _triton
+
+    return _triton
+
+
+def _triton_backend():
+    if not triton_installed():
+        raise UnsupportedError("backend='triton' needs the triton package (pip install triton)")
+    return _triton_module()
+
+
+def auto(q) -> str:
+    """What ``backend=None`` passes on: ``"auto"`` (chosen at run time, inside the op) where the
+    chooser measures or on CUDA; the torch path on CPU otherwise (no per-call lookup)."""
+    if q.device.type == "cuda" or choice.measures_cpu():
+        return "auto"
+    return "torch"
+
+
+def auto_dense(q) -> str:
+    """:func:`auto` for dense attention with lse: on CPU without measurement, PyTorch's CPU flash
+    kernel where this torch has it."""
+    backend = auto(q)
+    if backend == "torch" and q.device.type == "cpu" and dense.CPU_AVAILABLE:
+        return "sdpa:cpu"
+    return backend
+
+
+def auto_backend(q, layout) -> str:
+    """The backend an auto sparse call of this shape runs: the stored choice once one was made
+    (``"triton:128x64"``, ``"flex"``, ...), else ``"auto"`` (CUDA: chosen at the first call) or
+    ``"torch"``. Measures nothing (reports use it)."""
+    name = auto(q)
+    if name == "auto":
+        name = choice.default_chooser().lookup("sparse", q, q, layout) or "auto"
+    return name
+
+
+_FP32_TRITON = ("backend='triton' does not run float32 on CUDA: the kernel's float32 dot products are FMA "
+                "with register spills. Pass float16/bfloat16 tensors, or use backend=None (auto: the "
+                "torch path or FlexAttention, timed), 'torch' or 'flex'")
+_triton_reasons: dict = {}
+
+
+def _triton_reason(q, layout) -> str | None:
+    """Why ``backend="triton"`` cannot run these inputs (cached by the facts it depends on)."""
+    blocks = (0, 0) if layout is None else (layout.block_q, layout.block_k)
+    dev = q.device.type
+    key = (dev, q.dtype, q.shape[-1], blocks, dev != "cuda" and interpreting())
+    reason = _triton_reasons.get(key, False)
+    if reason is False:
+        reason = _triton_backend().unsupported_reason(q, layout)  # the module's: scripts patch it there
+        if reason is None and q.device.type == "cuda" and q.dtype == torch.float32:
+            reason = _FP32_TRITON
+        if not torch.compiler.is_compiling():  # no side effects in traced code
+            _triton_reasons[key] = reason
+    return reason
+
+
+def resolve_backend(backend, q, layout) -> str:
+    """The backend string a public call passes on: ``None``/``"auto"`` as :func:`auto`; a named
+    backend checked here (InputError for an unknown name or inputs the Triton kernel refuses,
+    UnsupportedError for a missing package)."""
+    if backend is None or backend == "auto":
+        return auto(q)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+    if backend == "triton":
+        if not triton_installed():
+            _triton_backend()  # the error
+        reason = _triton_reason(q, layout)
+        if reason:
+            raise InputError(reason)
+    if backend == "flex":
+        flex_function()
+    return backend
+
+
+def needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain_eager(q) -> bool:
+    """Eager code on plain tensors, no dispatch mode: the custom op's dispatch (~30 us of host
+    time per call) would add nothing there."""
+    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def call(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
+    """Run the kernels through the ``rettn::sparse_attention`` custom op (one opaque node under
+    torch.compile, and what fake tensors and dispatch modes see); the op's body (:func:`run`)
+    directly in plain eager code and when autograd needs the torch path's graph."""
+    if _plain_eager(q) or needs_autograd(q, k, v, rho, residual):
+        out, lse = run(q, k, v, layout, scale, backend, return_lse, rho, residual)
+        return out, (lse if return_lse else None)
+    n, idx, bq, bk = (None, None, 0, 0) if layout is None else (
+        layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k)
+    out, lse = torch.ops.rettn.sparse_attention(q, k, v, n, idx, bq, bk, scale, backend, return_lse, rho, residual)
+    return out, (lse if return_lse else None)
+
+
+# ------------------------------------------------------------------ the ops' eager bodies
 
 
 def run(q, k, v, layout, scale, backend, return_lse, rho=None, residual=None):
     """The eager computation behind the op (also called directly in eager mode and when autograd
-    is needed). ``backend``: ``"auto"`` (chosen here, at run time: :mod:`.choice`), ``"triton"``
+    is needed). ``backend``: ``"auto"`` (chosen here, at run time: :mod:`._choice`), ``"triton"``
     or ``"triton:BMxBN"`` (tiles), ``"torch"``, ``"flex"``, or ``"sdpa:<kernel>"`` (a dense kernel
-    of :mod:`.dense`; only for ``layout=None`` or a layout that selects every block)."""
+    of :mod:`._dense`; only for ``layout=None`` or a layout that selects every block)."""
     if backend == "auto":
         backend = choice.resolve(q, k, v, layout, scale, return_lse, rho, residual,
                                  lambda name: run(q, k, v, layout, scale, name, return_lse, rho, residual))
     if backend[:6] == "triton":
-        out, lse = choice.triton_module().triton_attention(q, k, v, layout, scale, return_lse=return_lse,
-                                                  tiles=choice.parse(backend)[1], rho=rho, residual=residual)
+        out, lse = _triton_module().triton_attention(q, k, v, layout, scale, return_lse=return_lse,
+                                                     tiles=parse(backend)[1], rho=rho, residual=residual)
     else:
         if backend[:5] == "sdpa:":
             out, lse = dense.attention(backend[5:], q, k, v, scale)
         elif backend == "flex":
-            from rettn.ops.attention import _flex_run
-
-            out, lse = _flex_run(q, k, v, layout, scale, return_lse)
+            out, lse = flex_attention(q, k, v, layout, scale, return_lse)
         elif backend != "torch":
-            raise ValueError(f"unknown rettn backend string {backend!r}")
+            raise InputError(f"unknown rettn backend string {backend!r}")
         elif layout is None:
             out, lse = masked_attention_reference(q, k, v, None, scale)
         else:
@@ -85,7 +201,7 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = None
     if kv_num_blocks is not None:
-        layout = BlockSparseLayout._trusted(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2])
+        layout = trusted_layout(kv_num_blocks, kv_indices, block_q, block_k, q.shape[2], k.shape[2])
     out, lse = run(q, k, v, layout, scale, backend, return_lse, rho, residual)
     if not return_lse or lse is None:
         lse = q.new_empty(0, dtype=torch.float32)
@@ -123,11 +239,8 @@ def run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, cl
                                    torch.zeros((), device=q.device, dtype=q.dtype).expand(b, h, s, d)
                                    if residual is None else residual, q, k, v, layout, scale, False)
     if backend == "triton":
-        from rettn.ops import _triton as triton_sparse
-
-        out, rho_next, flag = triton_sparse.triton_sparse_step(q, k, v, layout, scale, rho, residual, ramp=ramp,
-                                                               clamp=clamp, check=check)
-        return out, rho_next, flag
+        return _triton_module().triton_sparse_step(q, k, v, layout, scale, rho, residual, ramp=ramp, clamp=clamp,
+                                                   check=check)
     rho_next = None
     if rho is None and residual is None:
         out, _ = run(q, k, v, layout, scale, backend, False)
@@ -149,12 +262,8 @@ def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rh
     if backend == "auto":
         backend = _fused_or_chosen(None, None, q, k, v, layout, scale, True)
     if backend == "triton":
-        from rettn.ops import _triton as triton_sparse
-
-        rho, residual, flag = triton_sparse.triton_cache_step(q, k, v, layout, scale, out_dense, lse_dense,
-                                                              use_rho=use_rho, residual_dtype=residual_dtype,
-                                                              check=check)
-        return rho, residual, flag
+        return _triton_module().triton_cache_step(q, k, v, layout, scale, out_dense, lse_dense, use_rho=use_rho,
+                                                  residual_dtype=residual_dtype, check=check)
     out_s, lse_s = run(q, k, v, layout, scale, backend, True)
     rho, residual = cache_statistics(out_dense, lse_dense, out_s, lse_s, use_rho, residual_dtype)
     return rho, residual, (torch.isfinite(out_dense).all() if check else None)

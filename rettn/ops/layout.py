@@ -18,11 +18,12 @@ import torch
 from rettn.errors import InputError, InputTypeError
 
 
-def _num_blocks(seq: int, block: int) -> int:
+def num_blocks(seq: int, block: int) -> int:
+    """How many blocks of ``block`` tokens cover ``seq`` tokens (the last may be short)."""
     return (seq + block - 1) // block
 
 
-def _check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
     """``value`` as an int: any integer type (numpy's included) but bool, and > 0."""
     if type(value) is int and value > 0:  # the usual case
         return value
@@ -33,13 +34,13 @@ def _check_positive_int(name: str, value) -> int:
 
 def block_sizes(seq: int, block: int, device=None) -> torch.Tensor:
     """Real number of tokens in each block of a sequence of ``seq`` tokens (the tail may be short)."""
-    n = _num_blocks(seq, block)
+    n = num_blocks(seq, block)
     sizes = torch.full((n,), block, dtype=torch.int64, device=device)
     sizes[-1] = seq - (n - 1) * block
     return sizes
 
 
-def _dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
+def dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
     """(B, H, nQ, nK) bool -> (counts (B, H, nQ) int32, indices (B, H, nQ, width) int32).
 
     Selected indices come first, in increasing order; ``width`` defaults to the largest count.
@@ -107,7 +108,7 @@ class _LayoutMemo:
         return len(self._items)
 
 
-_memo = _LayoutMemo()
+layout_memo = _LayoutMemo()
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +138,7 @@ class BlockSparseLayout:
     def __post_init__(self):
         for name in ("block_q", "block_k", "seq_q", "seq_k"):
             value = getattr(self, name)
-            checked = _check_positive_int(name, value)
+            checked = check_positive_int(name, value)
             if checked is not value:  # numpy integers are stored as plain ints
                 object.__setattr__(self, name, checked)
         n, idx = self.kv_num_blocks, self.kv_indices
@@ -163,17 +164,6 @@ class BlockSparseLayout:
             raise InputError("kv_indices must have at least one column")
         if self.validate:
             self.check()
-
-    @classmethod
-    def _trusted(cls, kv_num_blocks, kv_indices, block_q, block_k, seq_q, seq_k) -> "BlockSparseLayout":
-        """A layout from parts already known to be consistent (plain ints, int32 tensors of
-        matching shapes): no checks, about 1 us instead of 8 (per-call views and the op)."""
-        self = object.__new__(cls)
-        for name, value in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
-                            ("block_q", block_q), ("block_k", block_k), ("seq_q", seq_q),
-                            ("seq_k", seq_k), ("validate", False)):
-            object.__setattr__(self, name, value)
-        return self
 
     # ------------------------------------------------------------------ checks and views
     def check(self) -> None:
@@ -201,11 +191,11 @@ class BlockSparseLayout:
 
     @property
     def num_q_blocks(self) -> int:
-        return _num_blocks(self.seq_q, self.block_q)
+        return num_blocks(self.seq_q, self.block_q)
 
     @property
     def num_k_blocks(self) -> int:
-        return _num_blocks(self.seq_k, self.block_k)
+        return num_blocks(self.seq_k, self.block_k)
 
     @property
     def max_kv(self) -> int:
@@ -222,27 +212,27 @@ class BlockSparseLayout:
     @classmethod
     def from_dense(cls, block_mask: torch.Tensor, block_q: int, block_k: int, seq_q: int, seq_k: int):
         """Build a layout from a bool block mask of shape (B, H, nQ, nK)."""
-        block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
-        seq_q, seq_k = _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k)
+        block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
+        seq_q, seq_k = check_positive_int("seq_q", seq_q), check_positive_int("seq_k", seq_k)
         if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
             raise InputError("block_mask must be a 4-D (B, H, nQ, nK) tensor")
         if block_mask.dtype != torch.bool:
             raise InputTypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
-        nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
+        nq, nk = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
         if tuple(block_mask.shape[2:]) != (nq, nk):
             raise InputError(
                 f"block_mask has {tuple(block_mask.shape[2:])} (nQ, nK) blocks, but seq_q={seq_q}, "
                 f"seq_k={seq_k} with blocks ({block_q}, {block_k}) need ({nq}, {nk})"
             )
-        counts, indices = _dense_to_kv(block_mask)
+        counts, indices = dense_to_kv(block_mask)
         return cls(counts, indices, block_q, block_k, seq_q, seq_k)
 
     @classmethod
     def dense(cls, seq_q: int, seq_k: int, block_q: int = 128, block_k: int = 128, device=None):
         """Every query block attends every key block (one broadcast row for all batches and heads)."""
-        block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
-        seq_q, seq_k = _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k)
-        nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
+        block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
+        seq_q, seq_k = check_positive_int("seq_q", seq_q), check_positive_int("seq_k", seq_k)
+        nq, nk = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
         counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
         indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
         return cls(counts, indices, block_q, block_k, seq_q, seq_k, validate=False)
@@ -263,7 +253,7 @@ class BlockSparseLayout:
         layout's batch rows and heads. Reading it syncs the device once per layout (the value is
         kept while the layout's tensors are unchanged).
         """
-        return _memo.get(self, "density", lambda: float(self.density_tensor()))
+        return layout_memo.get(self, "density", lambda: float(self.density_tensor()))
 
     def density_tensor(self) -> torch.Tensor:
         """:meth:`density` as a 0-d float64 tensor on the layout's device (no device sync)."""
@@ -286,13 +276,13 @@ class BlockSparseLayout:
             return self
         n = self.kv_num_blocks.expand(batch, heads, -1)
         idx = self.kv_indices.expand(batch, heads, -1, -1)
-        return BlockSparseLayout._trusted(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
+        return trusted_layout(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
 
     def to(self, device) -> "BlockSparseLayout":
         n, idx = self.kv_num_blocks.to(device), self.kv_indices.to(device)
         if n is self.kv_num_blocks and idx is self.kv_indices:
             return self
-        return BlockSparseLayout._trusted(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
+        return trusted_layout(n, idx, self.block_q, self.block_k, self.seq_q, self.seq_k)
 
     def to_block_mask(self):
         """This layout as a ``torch.nn.attention.flex_attention.BlockMask`` (FlexAttention).
@@ -304,7 +294,7 @@ class BlockSparseLayout:
         Built once per layout (the same index tensors, unchanged) and then served from a memo:
         calls with the same layout do not rebuild it.
         """
-        return _memo.get(self, "block_mask", self._build_block_mask)
+        return layout_memo.get(self, "block_mask", self._build_block_mask)
 
     def _build_block_mask(self):
         from torch.nn.attention.flex_attention import BlockMask
@@ -322,8 +312,8 @@ class BlockSparseLayout:
             tail[-1, :] = True
         if seq_k % bk:
             tail[:, -1] = True
-        partial_n, partial_idx = _dense_to_kv(dense & tail, nk)
-        full_n, full_idx = _dense_to_kv(dense & ~tail, nk)
+        partial_n, partial_idx = dense_to_kv(dense & tail, nk)
+        full_n, full_idx = dense_to_kv(dense & ~tail, nk)
         return BlockMask.from_kv_blocks(
             partial_n,
             partial_idx,
@@ -341,6 +331,17 @@ class BlockSparseLayout:
             f"block=({self.block_q}, {self.block_k}), blocks=({nq}, {self.num_k_blocks}), "
             f"max_kv={self.max_kv}, density={self.density():.4f})"
         )
+
+
+def trusted_layout(kv_num_blocks, kv_indices, block_q, block_k, seq_q, seq_k) -> BlockSparseLayout:
+    """A layout from parts already known to be consistent (plain ints, int32 tensors of matching
+    shapes): no checks, about 1 us instead of 8 (per-call views and the custom op's body)."""
+    self = object.__new__(BlockSparseLayout)
+    for name, value in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
+                        ("block_q", block_q), ("block_k", block_k), ("seq_q", seq_q),
+                        ("seq_k", seq_k), ("validate", False)):
+        object.__setattr__(self, name, value)
+    return self
 
 
 def ceil_blocks(keep: float, n: int) -> int:

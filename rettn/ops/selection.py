@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from rettn.errors import InputError, InputTypeError
-from rettn.ops.attention import _scale
+from rettn.ops._checks import resolve_scale
 from rettn.ops.layout import (
     BlockSparseLayout,
-    _check_positive_int,
-    _dense_to_kv,
-    _num_blocks,
     block_sizes,
     ceil_blocks,
+    check_positive_int,
+    dense_to_kv,
+    num_blocks,
 )
 
 Span = tuple[int, int]
@@ -61,7 +61,7 @@ def _check_grid(grid) -> tuple[int, int, int]:
     if values is None or len(values) != 3:
         shown = grid if values is None else values
         raise InputError(f"grid must be (frames, height, width) in tokens: three positive integers, got {shown!r}")
-    return tuple(_check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), values))
+    return tuple(check_positive_int(n, v) for n, v in zip(("frames", "height", "width"), values))
 
 
 def _check_qk(q, k) -> None:
@@ -76,10 +76,10 @@ def _check_qk(q, k) -> None:
         )
 
 
-def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over the real tokens of each block: (B, H, S, D) -> (B, H, n_blocks, D) float32."""
     b, h, s, d = x.shape
-    n = _num_blocks(s, block)
+    n = num_blocks(s, block)
     x = x.float()
     pad = n * block - s
     if pad:
@@ -90,13 +90,13 @@ def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def diagonal_blocks(seq: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """For self-attention: the key block holding the middle token of each query block."""
-    starts = torch.arange(_num_blocks(seq, block_q), device=device) * block_q
+    starts = torch.arange(num_blocks(seq, block_q), device=device) * block_q
     mid = starts + (torch.clamp(seq - starts, max=block_q) - 1) // 2
     return mid // block_k
 
 
 def _block_scores(q, k, block_q, block_k, scale):
-    qp, kp = _pool(q, block_q), _pool(k, block_k)
+    qp, kp = pool_blocks(q, block_q), pool_blocks(k, block_k)
     return torch.matmul(qp, kp.transpose(-1, -2)) * scale  # (B, H, nQ, nK)
 
 
@@ -119,9 +119,9 @@ def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scal
     """
     _check_qk(q, k)
     keep = _check_keep(keep)
-    block_q = _check_positive_int("block_q", block_q)
-    block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
-    scale = _scale(scale, q)
+    block_q = check_positive_int("block_q", block_q)
+    block_k = check_positive_int("block_k", block_q if block_k is None else block_k)
+    scale = resolve_scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
     scores = _block_scores(q, k, block_q, block_k, scale)
     if seq_q == seq_k:
@@ -144,9 +144,9 @@ def topk_mass(q, k, mass: float = 0.9, block_q: int = 128, block_k: int | None =
     _check_qk(q, k)
     mass = _check_keep(mass, "mass")
     max_keep = _check_keep(max_keep, "max_keep")
-    block_q = _check_positive_int("block_q", block_q)
-    block_k = _check_positive_int("block_k", block_q if block_k is None else block_k)
-    scale = _scale(scale, q)
+    block_q = check_positive_int("block_q", block_q)
+    block_k = check_positive_int("block_k", block_q if block_k is None else block_k)
+    scale = resolve_scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
     scores = _block_scores(q, k, block_q, block_k, scale)
     nk = scores.shape[-1]
@@ -170,10 +170,10 @@ def window(seq_len: int, keep: float, block_size: int = 128, dense_spans: Sequen
     centred on each query block's diagonal (shifted inward at the sequence ends so every row keeps
     the same number). Same for every batch row and head (B = H = 1, broadcast).
     """
-    seq_len = _check_positive_int("seq_len", seq_len)
+    seq_len = check_positive_int("seq_len", seq_len)
     keep = _check_keep(keep)
-    block_size = _check_positive_int("block_size", block_size)
-    nk = _num_blocks(seq_len, block_size)
+    block_size = check_positive_int("block_size", block_size)
+    nk = num_blocks(seq_len, block_size)
     n = ceil_blocks(keep, nk)
     diag = diagonal_blocks(seq_len, block_size, block_size, device)
     start = (diag - (n - 1) // 2).clamp(0, nk - n)
@@ -198,11 +198,11 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
     """
     grid = frames, height, width = _check_grid(grid)
     keep = _check_keep(keep)
-    block_size = _check_positive_int("block_size", block_size)
+    block_size = check_positive_int("block_size", block_size)
     per_frame = height * width
     n_video = frames * per_frame
     video_start = _check_nonneg_int("video_start", video_start)
-    seq_len = video_start + n_video if seq_len is None else _check_positive_int("seq_len", seq_len)
+    seq_len = video_start + n_video if seq_len is None else check_positive_int("seq_len", seq_len)
     if video_start + n_video > seq_len:
         raise InputError(
             f"grid {tuple(grid)} holds {n_video} video tokens starting at {video_start}, which does "
@@ -213,7 +213,7 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
     else:
         half_width = _check_nonneg_int("half_width", half_width)
 
-    nb = _num_blocks(seq_len, block_size)
+    nb = num_blocks(seq_len, block_size)
     pos = torch.arange(n_video, device=device) % per_frame  # in-frame index of each video token
     rows = (torch.arange(n_video, device=device) + video_start) // block_size
     covered = torch.zeros(nb, per_frame, device=device)
@@ -235,7 +235,7 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
 
 
 def _span_blocks(spans: Sequence[Span], seq: int, block: int, device) -> torch.Tensor:
-    hit = torch.zeros(_num_blocks(seq, block), dtype=torch.bool, device=device)
+    hit = torch.zeros(num_blocks(seq, block), dtype=torch.bool, device=device)
     for span in spans:
         try:
             start, end = (int(x) for x in span)
@@ -267,7 +267,7 @@ def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSp
     mask[..., cols] = True
     # Full width (every key block) whatever the counts: a shape that does not depend on the data,
     # so torch.compile traces it once. No row lost its blocks, so no validation is needed.
-    counts, indices = _dense_to_kv(mask, width=mask.shape[-1])
+    counts, indices = dense_to_kv(mask, width=mask.shape[-1])
     return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
                              validate=False)
 
@@ -281,7 +281,7 @@ def add_dense_key_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> Blo
     cols = _span_blocks(spans, layout.seq_k, layout.block_k, layout.device)
     mask = layout.to_dense()
     mask[..., cols] = True
-    counts, indices = _dense_to_kv(mask, width=mask.shape[-1])
+    counts, indices = dense_to_kv(mask, width=mask.shape[-1])
     return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
                              validate=False)
 
