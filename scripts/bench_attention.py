@@ -43,7 +43,7 @@ import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_L
 import rettn  # noqa: E402
 from rettn.ops import selection  # noqa: E402
 from rettn.tools.profile.kernels import time_calls  # noqa: E402
-from rettn.tools.profile.report import cpu_name  # noqa: E402
+from rettn.tools.profile.report import device_name, triton_version  # noqa: E402
 
 PRESETS = {
     # The CI-sized CPU target of issue 2: sparse torch path >= 4x dense SDPA at keep 1/16.
@@ -229,13 +229,8 @@ def check_targets(preset, rows):
 def environment(device):
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                threads=torch.get_num_threads(), device=str(device))
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    env["triton"] = triton_version()
+    env["device_name"] = device_name(device)
     return env
 
 

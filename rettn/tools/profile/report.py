@@ -9,7 +9,22 @@ from pathlib import Path
 import torch
 
 
+def triton_version() -> str | None:
+    """The installed Triton's version, None without it."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def environment(device: torch.device) -> dict:
+    """Device, versions, threads and the variables that change timings, for the report."""
     import diffusers
 
     from rettn import __version__
@@ -19,18 +34,13 @@ def environment(device: torch.device) -> dict:
            "threads": torch.get_num_threads(),
            "variables": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
                                                      "TRITON_INTERPRET") if k in os.environ}}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    env["triton"] = triton_version()
     if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
+        env["device_name"] = device_name(device)
         env["cuda"] = torch.version.cuda
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     else:
-        env["device_name"] = cpu_name()
+        env["device_name"] = device_name(device)
     return env
 
 
