@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_LAUNCH_LOG is set)
 import rettn  # noqa: E402
 from rettn.ops import selection  # noqa: E402
-from rettn.tools.profile.profiler import _cpu_name, time_calls  # noqa: E402
+from rettn.tools.profile.kernels import time_calls  # noqa: E402
+from rettn.tools.profile.report import device_name, triton_version  # noqa: E402
 
 PRESETS = {
     # The CI-sized CPU target of issue 2: sparse torch path >= 4x dense SDPA at keep 1/16.
@@ -228,13 +229,8 @@ def check_targets(preset, rows):
 def environment(device):
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                threads=torch.get_num_threads(), device=str(device))
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    env["triton"] = triton_version()
+    env["device_name"] = device_name(device)
     return env
 
 

@@ -37,8 +37,12 @@ import rettn  # noqa: E402
 from rettn.tools.profile import dummy_inputs  # noqa: E402
 from rettn.tools.profile.archs import arch_names, build_transformer, load_arch  # noqa: E402
 from rettn.core.config import RettnConfig  # noqa: E402
-from rettn.tools.profile.profiler import TransformerRunner, environment, with_heads  # noqa: E402
+from rettn.tools.args import add_config_flags, config_overrides  # noqa: E402
+from rettn.tools.profile.report import environment  # noqa: E402
+from rettn.tools.profile.runners import TransformerRunner  # noqa: E402
+from rettn.tools.profile.targets import with_heads  # noqa: E402
 
+CONFIG_FIELDS = ("warmup", "refresh_interval", "min_seq_len", "backend")  # flags: rettn.tools.args
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -63,11 +67,6 @@ def schedule_config(config: RettnConfig, steps: int, model_steps: int) -> RettnC
     return config.replace(num_inference_steps=steps)
 
 
-def _steps_value(text: str):
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) and "." not in text else value
-
-
 def main(argv=None) -> int:
     launch_log.install_from_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -82,10 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--preset", default=None, help="rettn preset (default: the model's)")
-    ap.add_argument("--warmup", type=_steps_value, default=None, help="override the preset's dense warm-up (steps or fraction)")
-    ap.add_argument("--refresh-interval", type=_steps_value, default=None, help="override the preset's refresh interval")
-    ap.add_argument("--min-seq-len", type=int, default=None, help="override the preset's min_seq_len")
-    ap.add_argument("--backend", choices=["triton", "torch", "flex"], default=None, help="rettn backend (default: auto)")
+    add_config_flags(ap, CONFIG_FIELDS, title="rettn (override the preset)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
@@ -102,8 +98,7 @@ def main(argv=None) -> int:
     inputs = dummy_inputs.forward_inputs(spec.family, model, batch=args.batch or spec.shape.batch, grid=grid,
                                          text_len=text_len, text_padding=0)
     runner = TransformerRunner(model, spec.family, inputs, spec.shape.calls_per_step)
-    overrides = {name: getattr(args, name) for name in ("warmup", "refresh_interval", "min_seq_len", "backend")
-                 if getattr(args, name) is not None}
+    overrides = config_overrides(args, CONFIG_FIELDS)
     config = schedule_config(RettnConfig.from_preset(args.preset or spec.preset, **overrides), steps,
                              spec.shape.steps)
     kinds = config.schedule(steps).kinds(steps)

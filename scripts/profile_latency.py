@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import launch_log  # noqa: E402  (scripts/: records kernel launches when RETTN_LAUNCH_LOG is set)
-from rettn.tools.profile.profiler import main  # noqa: E402
+from rettn.tools.profile.command import main  # noqa: E402
 
 if __name__ == "__main__":
     launch_log.install_from_env()

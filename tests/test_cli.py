@@ -130,7 +130,7 @@ def test_cuda_without_gpu(capsys):
 
 def test_unknown_hub_id_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "rettn.tools.cli", "generate", "--prompt", "x", "--model",
+    proc = subprocess.run([sys.executable, "-m", "rettn", "generate", "--prompt", "x", "--model",
                            "nobody/no-such-model", "--no-progress"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -138,7 +138,7 @@ def test_unknown_hub_id_offline(tmp_path):
 
 
 def test_console_entry_point_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rettn.tools.cli", "generate", "--prompt", "x", "--preset", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "rettn", "generate", "--prompt", "x", "--preset", "nope"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("rettn: error: unknown preset") and "Traceback" not in proc.stderr
@@ -151,7 +151,7 @@ def test_prompts_split_over_two_processes_and_resume(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "rettn.tools.cli", "generate", "--prompts", "p.txt", "--out", "outs", "--json", "s.json"] + FAST
+           "-m", "rettn", "generate", "--prompts", "p.txt", "--out", "outs", "--json", "s.json"] + FAST
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "outs").iterdir())

@@ -478,18 +478,18 @@ def test_generate_triton_backend_without_cuda(capsys, monkeypatch, no_model_load
 
 def test_triton_backend_check_follows_the_kernel_rule(monkeypatch):
     from rettn.ops import attention
-    from rettn.tools.cli import CLIError, _check_backend
+    from rettn.tools.args import CLIError, check_backend
 
     if not attention.triton_installed():
         with pytest.raises(CLIError, match=r"--backend triton needs the triton package \(pip install triton\)"):
-            _check_backend("triton", torch.device("cpu"))
+            check_backend("triton", torch.device("cpu"))
         return
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel runs CPU tensors in Triton's interpreter
-    _check_backend("triton", torch.device("cpu"))
+    check_backend("triton", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(CLIError, match="--backend triton needs a CUDA device, but this run is on --device cpu"):
-        _check_backend("triton", torch.device("cpu"))
-    _check_backend("torch", torch.device("cpu"))  # other backends run anywhere
+        check_backend("triton", torch.device("cpu"))
+    check_backend("torch", torch.device("cpu"))  # other backends run anywhere
 
 
 def test_generate_rettn_errors_are_not_blamed_on_the_pipeline(capsys, monkeypatch):

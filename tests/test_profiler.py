@@ -10,7 +10,8 @@ import torch
 
 from rettn.tools.profile import archs
 from rettn.tools.profile import dummy_inputs
-from rettn.tools.profile import profiler
+from rettn.tools.profile import command
+from rettn.tools.profile.report import write_chart
 from tiny_models import FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
 
 # Small and quick: the embedded model at 2 frames (512 video + 16 text tokens), 6 steps with
@@ -35,7 +36,7 @@ def _one_thread():
 
 def _run(argv, tmp_path, name="p"):
     path = tmp_path / f"{name}.json"
-    rc = profiler.main(argv + ["--json", str(path)])
+    rc = command.main(argv + ["--json", str(path)])
     assert rc == 0
     return json.loads(path.read_text()), path
 
@@ -204,16 +205,16 @@ def test_dummy_inputs_match_tiny_inputs(family):
 
 def test_chart_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    note = profiler.write_chart({"summary": {}, "target": {"description": "x"}}, tmp_path / "c.png")
+    note = write_chart({"summary": {}, "target": {"description": "x"}}, tmp_path / "c.png")
     assert "matplotlib is not installed" in note and not (tmp_path / "c.png").exists()
 
 
 def test_register_adds_profile_subcommand():
     parser = argparse.ArgumentParser(prog="rettn")
     sub = parser.add_subparsers(dest="command", required=True)
-    profiler.register(sub)
+    command.register(sub)
     args = parser.parse_args(["profile", "--random-weights", "--arch", "flux", "--layers", "2", "--steps", "3"])
-    assert args.command == "profile" and args.handler is profiler.run
+    assert args.command == "profile" and args.handler is command.run
     assert args.random_weights and args.arch == "flux" and args.layers == 2 and args.steps == 3
 
 
@@ -233,7 +234,7 @@ def test_register_adds_profile_subcommand():
     (["--frames", "2", "--warmup", "0.5", "--refresh-interval", "2.5", "--steps", "2"], "refresh_interval"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_bad_input_one_line_exit_2(argv, message, capsys, tmp_path):
-    rc = profiler.main(argv + ["--json", str(tmp_path / "x.json")])
+    rc = command.main(argv + ["--json", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("rettn: error: ") and message in err[0], err
@@ -242,5 +243,5 @@ def test_bad_input_one_line_exit_2(argv, message, capsys, tmp_path):
 
 def test_argument_syntax_errors_exit_2():
     with pytest.raises(SystemExit) as e:
-        profiler.main(["--steps", "0"])
+        command.main(["--steps", "0"])
     assert e.value.code == 2

@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rettn.tools import args as common
+from rettn.tools.args import CLIError
+
 # method -> RettnConfig fields; the schedule, block size and keep come from the base config.
 METHODS: dict[str, dict] = {
     "sparse-window": dict(pattern="window", use_rho=False, use_residual=False),
@@ -51,7 +54,7 @@ def _generate(pipe, prompt, seed, steps, extra):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
-    out = pipe(**kwargs)
+    out = common.call_pipeline(pipe, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     data = out.frames[0] if hasattr(out, "frames") else out.images[0]
@@ -139,60 +142,62 @@ def plot(rows, path) -> str | None:
 
 
 # ------------------------------------------------------------------------------ command line
-def register(subparsers):
-    from rettn.tools.cli import _nonneg_int, _positive_int  # the argument types of the other commands
+FIELDS = common.EVAL_FIELDS  # the schedule and block size of every method's config
 
+
+def register(subparsers):
+    """Add the ``eval`` subcommand."""
     p = subparsers.add_parser("eval", help="quality of every method and keep ratio against dense attention",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded model)")
     p.add_argument("--preset", default=None, help="base preset for the schedule and block size")
     p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (default: 8 captions of the embedded model)")
-    p.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=common.nonneg_int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
-    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--block-size", type=_positive_int, default=None)
+    p.add_argument("--steps", type=common.positive_int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer attention error (saves a dense call per sparse call)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="eval_results", help="where the JSON and the PNG plot go")
     p.add_argument("--no-progress", action="store_true")
+    common.add_config_flags(p, FIELDS, title="schedule and blocks of every method (override the preset)")
+    p.set_defaults(handler=run)
     return p
 
 
-def run(args) -> dict:
-    """Raises ValueError or :class:`rettn.tools.cli.CLIError` with a one-line message on bad input (the
-    CLI prints it, exit 2), before any model loads."""
-    from rettn.tools.cli import CLIError, _check_output, _device, write_json
-    from rettn.core.config import RettnConfig, load_preset
+def run(args) -> int:
+    """``rettn eval``: 0, or 2 with one line on stderr for bad input."""
+    return common.report_errors(run_eval, args)
+
+
+def run_eval(args) -> dict:
+    """The whole command on parsed ``args``; returns the report (also written). Bad input raises
+    a :class:`rettn.errors.UsageError` (or ConfigError) with a one-line message, before any model loads."""
+    from rettn.core.config import load_preset
     from rettn.tools.metrics import LPIPS
     from rettn.tools.models import default_preset, load_pipeline, quiet_progress_bars
 
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        raise CLIError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     if any(not 0 < k <= 1 for k in args.keeps):
-        raise ValueError("--keeps values must be fractions in (0, 1]")
+        raise CLIError("--keeps values must be fractions in (0, 1]")
+    common.check_config_flags(args, FIELDS)
     if args.preset is not None:
         load_preset(args.preset)
     prompts = DEFAULT_PROMPTS
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise ValueError(f"--prompts file '{path}' does not exist")
-        prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-        if not prompts:
-            raise ValueError(f"--prompts file '{path}' holds no prompt")
+        prompts = tuple(p for _, p in common.read_prompt_file(args.prompts))
     if args.no_progress:
         quiet_progress_bars()
-    device = _device(args.device)  # the check generate and profile use
+    device = common.device(args.device)  # the check generate and profile use
+    common.check_backend(args.backend, device)
     out = Path(args.out_dir)
-    _check_output(out, "--out-dir", folder=True)  # now, not after the whole evaluation
-    pipe = load_pipeline(args.model, device=str(device), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    common.check_output(out, "--out-dir", folder=True)  # now, not after the whole evaluation
+    pipe = load_pipeline(args.model, device=str(device), dtype=common.dtype(None, device))
     pipe.set_progress_bar_config(disable=True)
     preset = args.preset or default_preset(pipe)
-    base = RettnConfig.from_preset(preset) if preset else RettnConfig()
-    if args.block_size is not None:
-        base = base.replace(block_size=args.block_size)
+    base = common.build_config(args, FIELDS, preset)
     try:
         lpips_model, lpips_note = LPIPS.load(), None
     except RuntimeError as e:
@@ -215,7 +220,7 @@ def run(args) -> dict:
         torch=torch.__version__, preset=preset, base_config=vars(base), prompts=list(prompts), seeds=list(args.seeds),
         steps=args.steps, lpips=lpips_note or "computed", seconds=seconds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
-    write_json(out / "quality.json", report, "--out-dir")
+    common.write_json(out / "quality.json", report, "--out-dir")
     print(f"rettn: evaluated {len(rows)} (method, keep) pairs on {len(prompts)} prompts x {len(args.seeds)} seeds "
           f"in {seconds:.0f} s; wrote {out / 'quality.json'}" + (f" and {out / 'quality.png'}" if note is None else f" ({note})"))
     return report

@@ -7,22 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+from rettn.errors import UsageError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 VIDEO_EXTS = (".mp4", ".gif")
 
 
 def check_extension(path: str | Path, is_video: bool) -> str:
-    """The lower-case extension, or ValueError saying which ones this kind of output takes."""
+    """The lower-case extension, or a UsageError (a ValueError) saying which ones this kind of output takes."""
     ext = Path(path).suffix.lower()
     allowed = VIDEO_EXTS if is_video else IMAGE_EXTS
     if ext not in allowed:
         kind = "a video" if is_video else "an image"
-        raise ValueError(f"cannot write {kind} to '{path}': use one of {', '.join(allowed)}")
+        raise UsageError(f"cannot write {kind} to '{path}': use one of {', '.join(allowed)}")
     if ext == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
-            raise ValueError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or use .gif") from None
+            raise UsageError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or use .gif") from None
     return ext
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from rettn.errors import UsageError
+
 DEFAULT_MODEL = "embedded"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """A model that cannot be loaded; the message says why in one line."""
 
 

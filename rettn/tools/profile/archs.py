@@ -18,6 +18,7 @@ from importlib import resources
 
 import torch
 
+from rettn.errors import UsageError
 
 
 def arch_names() -> list[str]:
@@ -56,27 +57,27 @@ class ArchSpec:
 
     def token_grid(self, frames: int | None = None, height: int | None = None, width: int | None = None):
         """(frames, height, width) in tokens for a generation of that many pixel frames and
-        pixels (defaults: the spec's shape); ValueError when the sizes do not divide."""
+        pixels (defaults: the spec's shape); UsageError (a ValueError) when the sizes do not divide."""
         s = self.shape
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         pt, ph, pw = s.tokens_per_latent
         if s.vae_temporal > 1:
             if (frames - 1) % s.vae_temporal:
-                raise ValueError(
+                raise UsageError(
                     f"{self.name}: --frames must be {s.vae_temporal}k + 1 (the VAE compresses time "
                     f"{s.vae_temporal}x after the first frame), got {frames}"
                 )
             latent_f = (frames - 1) // s.vae_temporal + 1
         else:
             if frames != 1:
-                raise ValueError(f"{self.name} is an image model: --frames must be 1, got {frames}")
+                raise UsageError(f"{self.name} is an image model: --frames must be 1, got {frames}")
             latent_f = 1
         if latent_f % pt:
-            raise ValueError(f"{self.name}: {latent_f} latent frames do not split into {pt}-frame patches")
+            raise UsageError(f"{self.name}: {latent_f} latent frames do not split into {pt}-frame patches")
         for label, px, p in (("height", height, ph), ("width", width, pw)):
             step = s.vae_spatial * p
             if px <= 0 or px % step:
-                raise ValueError(f"{self.name}: --{label} must be a positive multiple of {step} pixels "
+                raise UsageError(f"{self.name}: --{label} must be a positive multiple of {step} pixels "
                                  f"(VAE {s.vae_spatial}x, patch {p}), got {px}")
         return latent_f // pt, height // (s.vae_spatial * ph), width // (s.vae_spatial * pw)
 
@@ -89,7 +90,7 @@ def load_arch(name: str) -> ArchSpec:
     import yaml
 
     if not isinstance(name, str) or name not in arch_names():
-        raise ValueError(f"unknown architecture {name!r}; known: {arch_names()}")
+        raise UsageError(f"unknown architecture {name!r}; known: {arch_names()}")
     data = yaml.safe_load(resources.files("rettn.configs.archs").joinpath(f"{name}.yaml").read_text())
     shape = dict(data["shape"])
     shape["tokens_per_latent"] = tuple(shape["tokens_per_latent"])
@@ -109,7 +110,7 @@ def model_config(spec: ArchSpec, layers: int | None = None, text_len: int | None
             config[key] = tuple(config[key])
     if layers is not None:
         if layers < 1:
-            raise ValueError(f"--layers must be >= 1, got {layers}")
+            raise UsageError(f"--layers must be >= 1, got {layers}")
         for key in spec.layer_keys:
             config[key] = min(int(config[key]), layers)
     if text_len is not None and spec.family == "cogvideox" and not config.get("use_rotary_positional_embeddings"):
@@ -128,12 +129,12 @@ def build_transformer(spec: ArchSpec, layers: int | None = None, *, device="cpu"
 
     cls = getattr(diffusers, spec.class_name, None)
     if cls is None:
-        raise ValueError(f"diffusers {diffusers.__version__} has no {spec.class_name} (needed by {spec.name})")
+        raise UsageError(f"diffusers {diffusers.__version__} has no {spec.class_name} (needed by {spec.name})")
     config = model_config(spec, layers, text_len)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
     if unknown:
-        raise ValueError(f"{spec.name}: {spec.class_name} in diffusers {diffusers.__version__} does not "
+        raise UsageError(f"{spec.name}: {spec.class_name} in diffusers {diffusers.__version__} does not "
                          f"take {unknown}")
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
