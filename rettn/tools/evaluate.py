@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rettn.core.observers import Observer
+
 # method -> RettnConfig fields; the schedule, block size and keep come from the base config.
 METHODS: dict[str, dict] = {
     "sparse-window": dict(pattern="window", use_rho=False, use_residual=False),
@@ -41,6 +43,22 @@ DEFAULT_PROMPTS = (
     "a yellow triangle moving up",
     "a green circle moving down",
 )
+
+
+class AttentionErrorLog(Observer):
+    """An engine observer: (step, layer, relative L2 error vs dense attention on the same inputs)
+    of each sparse-step attention output (costs a dense attention call per sparse call)."""
+
+    def __init__(self, engine):
+        self.engine, self.errors = engine, []
+
+    def on_sparse_output(self, q, k, v, scale, info, out):
+        from rettn.ops.attention import attention_with_lse
+
+        dense, _ = attention_with_lse(q, k, v, scale=scale)
+        err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
+        layer = info.slot.layer if info.slot is not None else info.layer
+        self.errors.append((self.engine.step, layer, float(err)))
 
 
 def _generate(pipe, prompt, seed, steps, extra):
@@ -79,10 +97,10 @@ def evaluate(pipe, base_config, prompts=DEFAULT_PROMPTS, seeds=(0, 1), methods=t
         per_case = []
         for case in cases:
             handle = apply_rettention(pipe, config)
-            handle.engine.error_log = [] if layer_error else None
+            log = handle.engine.observe(AttentionErrorLog(handle.engine)) if layer_error else None
             try:
                 data, seconds = _generate(pipe, case[0], case[1], steps, extra)
-                stats, errors = handle.stats(), handle.engine.error_log
+                stats, errors = handle.stats(), log.errors if log is not None else None
             finally:
                 handle.remove()
             q = compare(dense[case][0], data, lpips_model)

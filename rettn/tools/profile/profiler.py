@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rettn.core.engine import RegionTimer, StepTracker
+from rettn.core.engine import Observer, RegionTimer, StepTracker
 from rettn.ops._choice import backend_choices
 
 EXIT_USAGE = 2
@@ -244,8 +244,9 @@ class PipelineRunner:
 
 
 @dataclass
-class Capture:
-    """The first sparse-eligible self-attention call of the longest sequence seen."""
+class Capture(Observer):
+    """The first sparse-eligible self-attention call of the longest sequence seen (an engine
+    observer: ``engine.observe(capture)``)."""
 
     shape: tuple | None = None
     dtype: torch.dtype | None = None
@@ -253,16 +254,10 @@ class Capture:
     scale: float | None = None
     info: object = None
 
-    def wrap(self, engine):
-        attend = engine.attend
-
-        def capturing_attend(q, k, v, scale, info):
-            if info.kind == "self" and (self.shape is None or q.shape[2] > self.shape[2]):
-                self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
-                self.scale, self.info = scale, info
-            return attend(q, k, v, scale, info)
-
-        engine.attend = capturing_attend  # this engine instance only; gone with the handle
+    def on_call(self, q, k, v, scale, info):
+        if info.kind == "self" and (self.shape is None or q.shape[2] > self.shape[2]):
+            self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
+            self.scale, self.info = scale, info
 
 
 def timed_run(runner, num_steps: int, device: torch.device, config=None, capture: Capture | None = None,
@@ -276,9 +271,9 @@ def timed_run(runner, num_steps: int, device: torch.device, config=None, capture
     try:
         if config is not None:
             handle = apply_rettention(runner.target, config.replace(num_inference_steps=num_steps))
-            handle.engine.timer = timer
+            handle.engine.observe(timer)
             if capture is not None:
-                capture.wrap(handle.engine)
+                handle.engine.observe(capture)  # this engine only; gone with the handle
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
