@@ -6,6 +6,7 @@ Four floors, imports running downward only: ``rettn.ops`` (attention operations 
 """
 
 from rettn import errors
+from rettn._version import __version__
 from rettn.core.config import RettnConfig
 from rettn.diffusers.integration import RettnHandle, apply_rettention, describe
 from rettn.ops import selection
@@ -13,7 +14,6 @@ from rettn.ops.attention import (BACKENDS, attention_with_lse, backend_choices, 
                                  sparse_attention_rescaled)
 from rettn.ops.layout import BlockSparseLayout
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",

@@ -49,7 +49,7 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer
     call_args, call_kwargs = captured_inputs(pipe)
-    handle = rettn.apply_rettention(pipe, preset="tiny-shapes", warmup=1.0)  # every step dense
+    handle = rettn.apply_rettention(pipe, preset="tiny-shapes", warmup="100%")  # every step dense
     handle.remove()
 
     def plain():
@@ -68,7 +68,7 @@ def main(argv=None):
     for i in range(args.rounds):
         for name, (fn, patched) in variants.items():
             if patched:
-                handle = rettn.apply_rettention(pipe, preset="tiny-shapes", warmup=1.0)
+                handle = rettn.apply_rettention(pipe, preset="tiny-shapes", warmup="100%")
                 handle.set_num_inference_steps(args.rounds + 10)
                 handle.engine.begin_forward(0, 0, True, args.rounds + 10)  # a dense step
             t = time.perf_counter()

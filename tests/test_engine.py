@@ -1,12 +1,15 @@
 """Re-ttention engine invariants (ALGORITHM.md) and RettnConfig validation."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import qkv
 
 import rettn
 from rettn.core.config import RettnConfig, load_preset, preset_names
-from rettn.core.engine import CallInfo, Engine
+from rettn.core.engine import CallInfo, Engine, Observer
+from rettn.tools.evaluate import AttentionErrorLog
 
 
 def engine(**kw):
@@ -191,12 +194,12 @@ def test_every_preset_loads_and_says_whether_it_is_tuned():
 def test_error_log_measures_sparse_step_error():
     q, k, v = qkv(1, 2, 256, 32, seed=9)
     eng = engine(keep=0.125)
-    eng.error_log = []
+    log = eng.observe(AttentionErrorLog(eng))
     call(eng, 900.0, q, k, v)  # cache
     call(eng, 800.0, q, k, v)  # sparse, same inputs: Re-ttention reproduces dense
     q2 = q + 0.3 * torch.randn_like(q)
     call(eng, 700.0, q2, k, v)  # sparse, drifted queries: a real error
-    (s1, l1, e1), (s2, _, e2) = eng.error_log
+    (s1, l1, e1), (s2, _, e2) = log.errors
     assert (s1, l1, s2) == (1, 0, 2)
     assert e1 < 1e-5 < e2 < 1.0
 
@@ -263,3 +266,97 @@ def test_attention_calls_read_nothing_back_from_the_device(monkeypatch):
         eng.attend(q, k, v, 32**-0.5, CallInfo(layer=0, kind="self"))
         assert reads == [], (t, reads)
     eng.flush()
+
+
+# ---------------------------------------------------------------------------------- observers
+class Recorder(Observer):
+    def __init__(self):
+        self.events = []
+
+    @contextlib.contextmanager
+    def region(self, kind, name, device):
+        self.events.append(("region", kind, name, device.type))
+        yield
+
+    def on_call(self, q, k, v, scale, info):
+        self.events.append(("call", q, k, v, scale, info))
+
+    def on_sparse_output(self, q, k, v, scale, info, out):
+        self.events.append(("sparse", q, k, v, scale, info, out))
+
+
+def test_observe_calls_each_hook_with_the_call_and_unobserve_stops_them():
+    q, k, v = qkv(1, 2, 256, 32, seed=4)
+    eng = engine(keep=0.125)
+    rec = Recorder()
+    assert eng.observe(rec) is rec and eng.observe(rec) is rec  # twice: registered once
+    assert list(eng.observers) == [rec]
+    scale = q.shape[-1] ** -0.5
+    info = CallInfo(layer=0, kind="self")
+    eng.on_forward(900.0)
+    eng.attend(q, k, v, scale, info)  # cache step
+    calls = [e for e in rec.events if e[0] == "call"]
+    assert len(calls) == 1 and calls[0][1] is q and calls[0][2] is k and calls[0][3] is v
+    assert calls[0][4] == scale and calls[0][5] is info
+    regions = [e[1:] for e in rec.events if e[0] == "region"]
+    assert ("cache", "selection", "cpu") in regions and ("cache", "attention", "cpu") in regions
+    assert not [e for e in rec.events if e[0] == "sparse"]  # cache steps are not sparse outputs
+    rec.events.clear()
+    eng.on_forward(800.0)
+    out = eng.attend(q, k, v, scale, info)  # sparse step
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "call" and kinds[-1] == "sparse" and ("region", "sparse", "attention", "cpu") in rec.events
+    sparse = rec.events[-1]
+    assert sparse[1] is q and sparse[4] == scale and sparse[5] is info and sparse[6] is out
+    eng.unobserve(rec)
+    eng.unobserve(rec)  # not registered any more: nothing happens
+    rec.events.clear()
+    eng.on_forward(700.0)
+    eng.attend(q, k, v, scale, info)
+    assert rec.events == [] and len(eng.observers) == 0
+
+
+def test_on_call_sees_dense_steps_and_skipped_layers_too():
+    q, k, v = qkv(1, 1, 64, 16, seed=5)
+    eng = engine(warmup=1, skip_layers=[1])
+    rec = eng.observe(Recorder())
+    assert call(eng, 900.0, q, k, v) is None  # dense warm-up step
+    assert call(eng, 800.0, q, k, v, layer=1) is None  # skipped layer
+    assert [e[0] for e in rec.events] == ["call", "call"]
+
+
+def test_region_is_a_no_op_without_region_observers():
+    eng = engine()
+    dev = torch.device("cpu")
+    assert isinstance(eng.region("attention", dev), contextlib.nullcontext)
+
+    class Calls(Observer):  # overrides only on_call: region stays the fast path
+        def on_call(self, *args):
+            pass
+
+    eng.observe(Calls())
+    assert eng.observers.regions == () and isinstance(eng.region("attention", dev), contextlib.nullcontext)
+    a, b = eng.observe(Recorder()), eng.observe(Recorder())
+    with eng.region("selection", dev):  # both regions, nested
+        pass
+    assert a.events == b.events == [("region", "dense", "selection", "cpu")]
+    with pytest.raises(TypeError, match="observer must be a rettn.core.observers.Observer"):
+        eng.observe(object())
+
+
+def test_tools_observe_the_engine_without_setting_its_attributes():
+    from rettn.tools.profile.profiler import Capture, StepRegionTimer
+
+    q, k, v = qkv(1, 2, 256, 32, seed=6)
+    eng = engine(keep=0.125)
+    before = set(vars(eng))
+    timer, capture, log = StepRegionTimer(), Capture(), AttentionErrorLog(eng)
+    for observer in (timer, capture, log):
+        eng.observe(observer)
+    for t in (900.0, 800.0):
+        call(eng, t, q, k, v)
+    assert set(vars(eng)) == before  # no attribute set (nor a replaced eng.attend)
+    assert not hasattr(eng, "timer") and not hasattr(eng, "error_log") and "attend" not in vars(eng)
+    assert capture.shape == tuple(q.shape) and capture.scale == q.shape[-1] ** -0.5
+    assert {kind for kind, _ in timer.totals()} == {"cache", "sparse"}
+    assert [(s, layer) for s, layer, _ in log.errors] == [(1, 0)]

@@ -11,6 +11,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 
 import torch
@@ -34,9 +35,80 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _plain(x):
-    """numpy scalars -> int / float, so the schedule's int-or-fraction rule sees Python types."""
-    return int(x) if _is_int(x) else float(x)
+# the schedule fields (each a step count or a fraction of the steps) -> their smallest step count
+SCHEDULE_FIELDS = {"warmup": 0, "refresh_interval": 1, "dense_final": 0}
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+_INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+
+
+def parse_steps(value, field: str = "steps") -> int | float:
+    """A schedule value: a step count, or a fraction of the generation's steps, in a form whose
+    unit cannot be confused.
+
+    - an int (Python or numpy; not a bool) is a step count: ``1`` is one step;
+    - a fraction of the steps is a string such as ``"30%"`` (``"100%"``: every step), a
+      :class:`fractions.Fraction`, or a float strictly between 0 and 1 (``0.3``); ``0.0`` is zero
+      steps either way and is taken;
+    - a float that is a whole number (``1.0``, ``2.0``) is ambiguous and a :class:`ConfigError`;
+    - a string of digits (``"5"``) or of a float (``"0.3"``) follows the rules of the number.
+
+    Returns an int for a step count, a float in [0, 1] for a fraction (``"30%"`` gives exactly
+    ``0.3``, so it resolves against the number of steps as ``0.3`` did). ``field`` names the value
+    in errors; for a field of :data:`SCHEDULE_FIELDS` its smallest value is checked too
+    (``refresh_interval``: 1 step, or a fraction above 0).
+    """
+    least = SCHEDULE_FIELDS.get(field, 0)
+    floats = "[0, 1)" if least == 0 else "(0, 1)"
+
+    def bad():
+        return ConfigError(
+            f"{field} must be a step count (int >= {least}) or a fraction of the steps ('30%' up to "
+            f"'100%', Fraction(3, 10), or a float in {floats}), got {value!r}"
+        )
+
+    def fraction(f: Fraction) -> float:
+        if f < 0 or f > 1 or (least > 0 and f == 0):
+            raise bad()
+        return float(f)
+
+    x = value
+    if isinstance(x, str):
+        m = _PERCENT.match(x)
+        if m:
+            return fraction(Fraction(m.group(1)) / 100)
+        if _INT.match(x):
+            x = int(x)
+        else:
+            try:
+                x = float(x)
+            except ValueError:
+                raise bad() from None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise bad()
+    if _is_int(x):
+        if x < least:
+            raise bad()
+        return int(x)
+    if isinstance(x, numbers.Rational):  # Fraction: always a fraction of the steps
+        return fraction(Fraction(x))
+    x = float(x)
+    if not math.isfinite(x):
+        raise bad()
+    if x.is_integer() and x >= 1:
+        n = int(x)
+        fractions = "'30%', Fraction(3, 10) or a float between 0 and 1"
+        raise ConfigError(
+            f"{field}={value!r} is ambiguous (one step, or every step?): write {field}=1 for one step, "
+            f"or {field}='100%' for every step (other fractions of the steps: {fractions})"
+            if n == 1 else
+            f"{field}={value!r} is ambiguous (a float, but a whole number): write {field}={n} for {n} "
+            f"steps (a fraction of the steps is written {fractions}; '100%' is every step)"
+        )
+    if x == 0 and least == 0:
+        return 0.0
+    if not 0 < x < 1:
+        raise bad()
+    return x
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -77,7 +149,9 @@ class RettnConfig:
             sparse steps after it, so the cached rho and R describe exactly the blocks used) or
             ``"step"`` (fresh at every sparse step).
 
-    Schedule (each a step count, or a float fraction of the number of steps)
+    Schedule (each a step count, an int, or a fraction of the number of steps: ``"30%"``,
+    ``Fraction(3, 10)`` or a float strictly between 0 and 1; a whole-number float such as ``1.0``
+    is ambiguous and an error, see :func:`parse_steps`; fractions are stored as floats)
         warmup: leading dense steps. refresh_interval: a cache step every N steps after warm-up
             (the first step after warm-up is a cache step); steps in between are sparse.
         dense_final: trailing dense steps. Paper: PixArt 20 steps -> warmup 5, interval 5;
@@ -111,9 +185,9 @@ class RettnConfig:
     block_size: int = 128
     dense_conditioning: bool = True
     reselect: str = "cache"
-    warmup: int | float = 0.3
-    refresh_interval: int | float = 5
-    dense_final: int | float = 0
+    warmup: int | float | str = 0.3
+    refresh_interval: int | float | str = 5
+    dense_final: int | float | str = 0
     num_inference_steps: int | None = None
     ramp: float = 0.04
     clamp_rho: bool = True
@@ -139,21 +213,8 @@ class RettnConfig:
         self.block_size = int(self.block_size)
         if self.reselect not in RESELECT:
             raise ConfigError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
-        for name in ("warmup", "dense_final"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0 or (isinstance(v, float) and v > 1):
-                raise ConfigError(
-                    f"{name} must be a step count (int >= 0) or a fraction of the steps (float in "
-                    f"[0, 1]), got {v!r}"
-                )
-            setattr(self, name, _plain(v))
-        r = self.refresh_interval
-        if not _is_number(r) or r <= 0 or (isinstance(r, float) and r > 1):
-            raise ConfigError(
-                "refresh_interval must be a step count (int >= 1) or a fraction of the steps "
-                f"(float in (0, 1]), got {r!r}"
-            )
-        self.refresh_interval = _plain(r)
+        for name in SCHEDULE_FIELDS:  # int: a step count; float in [0, 1]: a fraction of the steps
+            setattr(self, name, parse_steps(getattr(self, name), name))
         n = self.num_inference_steps
         if n is not None and (not _is_int(n) or n <= 0):
             raise ConfigError(f"num_inference_steps must be a positive integer or None, got {n!r}")
@@ -208,7 +269,11 @@ class RettnConfig:
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise ConfigError(f"unknown RettnConfig field(s) {unknown}; allowed: {self.field_names()}")
-        return dataclasses.replace(self, **changes)
+        # a kept fraction is passed on as a Fraction (exactly the same float once parsed): "100%"
+        # is kept as 1.0, which a float argument would spell ambiguously
+        kept = {name: Fraction(v) for name in SCHEDULE_FIELDS if name not in changes
+                for v in [getattr(self, name)] if isinstance(v, float)}
+        return dataclasses.replace(self, **kept, **changes)
 
     # ----------------------------------------------------------------- schedule
     def _steps(self, value, n: int) -> int:

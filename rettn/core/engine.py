@@ -6,22 +6,26 @@ lse on the same layout; ``rho = exp(lse_s - lse_d)``, ``R = O_d - rho * O_s``; o
 Sparse step: output ``rho_c * O_s + R_c`` with ``rho_c`` ramped by ``ramp`` after each sparse
 step (the first sparse step after a cache step uses it unchanged), clamped to (0, 1].
 State is kept per (layer, CFG branch[, batch row]) and reset at every new generation.
+
+The engine's pieces live in their own modules (``state``, ``stats``, ``tracking``,
+``observers``); their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, field
 
 import torch
 
 from rettn.core.config import RESIDUAL_DTYPES, RettnConfig, Schedule
+from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.residual import ResidualStore
+from rettn.core.state import CacheEntry, CallInfo, LayerSlot
+from rettn.core.stats import Stats, StepRecord
+from rettn.core.tracking import StepTracker
 from rettn.errors import ConfigError, MemoryBudgetError, NumericalError
 from rettn.ops import selection
 from rettn.ops.attention import (
-    attention_with_lse,
     backend_choices,
     cache_step_attention,
     sparse_step_attention,
@@ -38,212 +42,6 @@ def _bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-class RegionTimer:
-    """Accumulates wall time per (step kind, region) when profiling is on.
-
-    CUDA: events recorded around each region, resolved (one sync) in :meth:`totals`; CPU:
-    ``time.perf_counter``. Regions: ``selection``, ``attention`` (every attention kernel, the
-    model's own dense attention included), ``bookkeeping`` (rho, R, ramp, residual moves).
-    """
-
-    def __init__(self):
-        self.pending: list = []  # (kind, region, start, end) CUDA events
-        self.seconds: dict = {}
-
-    @contextlib.contextmanager
-    def region(self, kind: str, name: str, device: torch.device):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.pending.append((kind, name, start, end))
-        else:
-            t = time.perf_counter()
-            yield
-            self.add(kind, name, time.perf_counter() - t)
-
-    def add(self, kind: str, name: str, seconds: float):
-        self.seconds[(kind, name)] = self.seconds.get((kind, name), 0.0) + seconds
-
-    def totals(self) -> dict:
-        if self.pending:
-            torch.cuda.synchronize()
-            for kind, name, start, end in self.pending:
-                self.add(kind, name, start.elapsed_time(end) / 1e3)
-            self.pending = []
-        return dict(self.seconds)
-
-
-@dataclass
-class CacheEntry:
-    """Statistics of one (layer, branch) from its last cache step."""
-
-    layout: BlockSparseLayout
-    density: torch.Tensor  # 0-d: counted density of the layout (a tensor: no device sync per call)
-    rho: torch.Tensor | None  # (B, H, Sq) float32; advanced by the ramp after each sparse step
-    residual: torch.Tensor | None  # (B, H, Sq, D)
-    shape: tuple
-    finite: torch.Tensor | None = None  # 0-d bool from the cache step's kernel: O_dense all finite
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rho, self.residual) if t is not None)
-
-
-@dataclass
-class StepRecord:
-    step: int
-    kind: str
-    forwards: int = 0  # transformer calls in this step (CFG branches called separately count)
-    dense_calls: int = 0  # attention calls of sparse-eligible layers that ran dense in a non-dense step
-    densities: list = field(default_factory=list)  # one 0-d tensor per call that ran sparse
-    dense_reasons: dict = field(default_factory=dict)  # why calls ran dense: reason -> count
-    models: list = field(default_factory=list)  # the transformers that ran this step (their labels)
-
-    @property
-    def sparse_calls(self) -> int:
-        """Attention calls that ran the sparse kernel (sparse or cache steps)."""
-        return len(self.densities)
-
-    @property
-    def density_sum(self) -> float:
-        return float(torch.stack([d.double().cpu() for d in self.densities]).sum()) if self.densities else 0.0
-
-    @property
-    def density(self) -> float | None:
-        return self.density_sum / self.sparse_calls if self.sparse_calls else None
-
-
-@dataclass
-class Stats:
-    """What a generation did, step by step. ``print(stats)`` shows a table."""
-
-    family: str
-    num_inference_steps: int | None
-    steps: list[StepRecord]
-    cached_bytes: int
-    peak_cached_bytes: int
-    generations: int
-    # what backend=None chose for each call shape of the process (rettn.backend_choices()): the
-    # kernel, each candidate's time and why others were skipped; empty until a measured choice
-    backend_choices: list = field(default_factory=list)
-
-    def counts(self) -> dict:
-        out = {"dense": 0, "cache": 0, "sparse": 0}
-        for s in self.steps:
-            out[s.kind] += 1
-        return out
-
-    def kinds(self) -> list[str]:
-        return [s.kind for s in self.steps]
-
-    def mean_density(self) -> float | None:
-        """Mean counted density over the attention calls that ran sparse (text rows included)."""
-        n = sum(s.sparse_calls for s in self.steps)
-        return sum(s.density_sum for s in self.steps) / n if n else None
-
-    def __str__(self) -> str:
-        c = self.counts()
-        d = self.mean_density()
-        lines = [
-            f"rettn stats: family={self.family} steps={len(self.steps)} "
-            f"(dense {c['dense']}, cache {c['cache']}, sparse {c['sparse']}), "
-            f"mean counted density {'-' if d is None else f'{d:.4f}'}, "
-            f"cached {self.cached_bytes / 2**20:.1f} MiB (peak {self.peak_cached_bytes / 2**20:.1f} MiB)",
-            "step | kind   | forwards | sparse calls | dense calls | density",
-        ]
-        for s in self.steps:
-            dens = "-" if s.density is None else f"{s.density:.4f}"
-            lines.append(f"{s.step:4d} | {s.kind:6s} | {s.forwards:8d} | {s.sparse_calls:12d} | "
-                         f"{s.dense_calls:11d} | {dens}")
-        return "\n".join(lines)
-
-
-class StepTracker:
-    """Guesses the denoising step and CFG branch from the timesteps of the transformer's calls
-    (for bare transformers; with a pipeline the integration reads the pipeline's own signals).
-
-    A call whose timestep is higher than the previous one (or the first call) starts a new
-    generation; an equal timestep is another call of the same step (Wan calls cond, then uncond);
-    a lower one is the next step. ``rising=True`` is for models whose timestep grows as denoising
-    goes on (Z-Image passes ``(1000 - t) / 1000``): the comparisons flip.
-    """
-
-    def __init__(self, rising: bool = False):
-        self.rising = rising
-        self.reset()
-
-    def reset(self):
-        self.prev_t: float | None = None
-        self.first_t: float | None = None
-        self.step = -1
-        self.branch = 0
-        self.generations = 0
-
-    def on_forward(self, t: float) -> bool:
-        """Advance on a transformer call with timestep ``t``; True when a new generation starts."""
-        if self.rising:
-            t = -t
-        new_gen = self.prev_t is None or t > self.prev_t
-        if new_gen:
-            self.first_t = t
-        if new_gen:
-            self.generations += 1
-            self.step, self.branch = 0, 0
-        elif t == self.prev_t:
-            self.branch += 1
-        else:
-            self.step += 1
-            self.branch = 0
-        self.prev_t = t
-        return new_gen
-
-    def progress(self, end: float = 0.0) -> float | None:
-        """How far the last call is along the denoising trajectory, from its timestep: 0 at the
-        generation's first call, 1 at the timestep ``end`` (where denoising ends: 0 for
-        decreasing timesteps; Z-Image's rising ones end at 1). None before any call."""
-        if self.prev_t is None:
-            return None
-        end = -end if self.rising else end
-        span = self.first_t - end
-        return 0.0 if span <= 0 else min(1.0, max(0.0, (self.first_t - self.prev_t) / span))
-
-    def __repr__(self):
-        return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
-
-
-class LayerSlot:
-    """One attention module's state: its cache entries by (CFG branch, batch row), and what its
-    calls did.
-
-    The integration gives each wrapped processor its slot, so an attention call reaches its
-    statistics through an object rather than by its layer number: under torch.compile a layer
-    number read in the traced code is a constant guarded on, and every block compiled separately
-    (diffusers' regional compilation) would recompile once per layer.
-
-    ``id`` numbers the slots of a handle (the keys of :attr:`Engine.cache`); ``layer`` is the
-    index among its model's self-attention layers (what ``skip_layers`` refers to); ``model``
-    which patched transformer it belongs to (0, or 1 for a pipeline's ``transformer_2``).
-    """
-
-    def __init__(self, layer: int, skip: bool, id: int | None = None, model: int = 0, name: str = ""):
-        self.layer, self.skip = layer, skip
-        self.id = layer if id is None else id
-        self.model, self.name = model, name
-        self.entries: dict[tuple, CacheEntry] = {}
-        # this forward's calls: (0-d density tensor, finite flag) for calls that ran sparse, a
-        # reason string for calls that ran dense
-        self.pending: list = []
-        self.calls = 0  # every call of this module, folded from pending by Engine.flush
-        self.sparse = 0
-        self.dense: dict[str, int] = {}  # reason -> count
-
-    def __repr__(self):
-        return (f"LayerSlot(id={self.id}, layer={self.layer}, model={self.model}, skip={self.skip}, "
-                f"entries={list(self.entries)})")
-
-
 # Why an attention call ran dense (the reasons handle.stats() and handle.describe() show).
 DENSE_STEP = "dense step (schedule)"
 SKIPPED = "skip_layers"
@@ -254,21 +52,6 @@ DROPOUT_CAUSAL = "dropout or causal attention"
 NOT_SELF = "queries and keys differ in length (not self-attention)"
 UNSUPPORTED_ARGS = "arguments rettn does not handle (e.g. GQA)"
 NOT_REACHED = "not reached: the processor computed attention without torch's SDPA"
-
-
-@dataclass
-class CallInfo:
-    """What the integration knows about one attention call."""
-
-    layer: int | None = None  # index among the sparse-eligible layers (or give ``slot``)
-    kind: str = "self"  # "self" or "cross"
-    dense_spans: list = field(default_factory=list)
-    grid: tuple | None = None
-    text_first: int = 0  # tokens before the video range (frame_window's video_start)
-    row: int | None = None  # batch row when a key-padding mask split the batch
-    slot: LayerSlot | None = None  # the layer's state (the integration passes it)
-    key_spans: list = field(default_factory=list)  # key ranges kept dense when queries are a part of the keys
-    call: int = 0  # which attention call of the processor call this is (Mochi: one per sample)
 
 
 class Engine:
@@ -294,15 +77,26 @@ class Engine:
         self.kind = "dense"  # this step's kind, set by on_forward (outside any compiled region)
         self.peak_bytes = 0
         self.residuals = ResidualStore(config.residual_device)  # where R lives between steps
-        self.timer: RegionTimer | None = None  # set by the profiler
-        # set by the quality harness: (step, layer, relative error vs dense) of sparse-step outputs
-        self.error_log: list | None = None
+        self.observers = ObserverSet()  # tools watching this engine (profiler, quality harness)
+
+    # ----------------------------------------------------------------- observers
+    def observe(self, observer: Observer) -> Observer:
+        """Register ``observer`` (a :class:`~rettn.core.observers.Observer`): its hooks are called
+        from now on. Returns it; registering it again changes nothing."""
+        return self.observers.add(observer)
+
+    def unobserve(self, observer: Observer):
+        """Stop calling ``observer``'s hooks (nothing happens when it is not registered)."""
+        self.observers.remove(observer)
 
     def region(self, name: str, device):
-        """Time a region of this step when profiling (a no-op otherwise)."""
-        if self.timer is None:
+        """A region of this step, timed by the observers that time regions (a no-op otherwise)."""
+        regions = self.observers.regions
+        if not regions:
             return contextlib.nullcontext()
-        return self.timer.region(self.step_kind(), name, device)
+        if len(regions) == 1:
+            return regions[0].region(self.step_kind(), name, device)
+        return self.observers.region(self.step_kind(), name, device)
 
     # ----------------------------------------------------------------- lifecycle
     def reset(self):
@@ -527,6 +321,8 @@ class Engine:
     # ----------------------------------------------------------------- the call
     def attend(self, q, k, v, scale, info: CallInfo):
         """Output for this attention call, or None to let the model's own dense attention run."""
+        for observer in self.observers.calls:
+            observer.on_call(q, k, v, scale, info)
         cfg = self.config
         kind = self.kind
         slot = info.slot if info.slot is not None else self.slot(info.layer)
@@ -590,7 +386,9 @@ class Engine:
         if rho is not None and cfg.ramp:
             entry.rho = rho_next if on_device else rho + cfg.ramp
         slot.pending.append((density, finite))
-        return self._log_error(q, k, v, scale, info, out)
+        for observer in self.observers.sparse_outputs:
+            observer.on_sparse_output(q, k, v, scale, info, out)
+        return out
 
     def _finite(self, out, flag=None):
         """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? ``flag`` is
@@ -600,12 +398,10 @@ class Engine:
             return None
         return torch.isfinite(out).all() if flag is None else flag
 
-    def _log_error(self, q, k, v, scale, info, out):
-        """With ``error_log`` on: the relative L2 error of this sparse-step output against dense
-        attention on the same inputs (costs a dense attention call; for the quality harness)."""
-        if self.error_log is not None:
-            dense, _ = attention_with_lse(q, k, v, scale=scale)
-            err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
-            layer = info.slot.layer if info.slot is not None else info.layer
-            self.error_log.append((self.step, layer, float(err)))
-        return out
+
+__all__ = [
+    "Engine", "CallInfo", "CacheEntry", "LayerSlot", "Stats", "StepRecord", "StepTracker",
+    "Observer", "ObserverSet", "RegionTimer",
+    "DENSE_STEP", "SKIPPED", "SHORT", "CROSS", "MASK", "DROPOUT_CAUSAL", "NOT_SELF", "UNSUPPORTED_ARGS",
+    "NOT_REACHED", "RHO_FLOOR",
+]

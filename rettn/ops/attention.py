@@ -156,4 +156,3 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
             ok if check_finite else None)
 
 
-_auto_backend = auto_backend  # TEMP alias for rettn/tools until merge

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rettn.core.observers import Observer
 from rettn.tools import args as common
 from rettn.tools.args import CLIError
 
@@ -46,6 +47,22 @@ DEFAULT_PROMPTS = (
 )
 
 
+class AttentionErrorLog(Observer):
+    """An engine observer: (step, layer, relative L2 error vs dense attention on the same inputs)
+    of each sparse-step attention output (costs a dense attention call per sparse call)."""
+
+    def __init__(self, engine):
+        self.engine, self.errors = engine, []
+
+    def on_sparse_output(self, q, k, v, scale, info, out):
+        from rettn.ops.attention import attention_with_lse
+
+        dense, _ = attention_with_lse(q, k, v, scale=scale)
+        err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-12)
+        layer = info.slot.layer if info.slot is not None else info.layer
+        self.errors.append((self.engine.step, layer, float(err)))
+
+
 def _generate(pipe, prompt, seed, steps, extra):
     kwargs = dict(prompt=prompt, output_type="np", generator=torch.Generator().manual_seed(seed), **extra)
     if steps is not None:
@@ -67,7 +84,7 @@ def evaluate(pipe, base_config, prompts=DEFAULT_PROMPTS, seeds=(0, 1), methods=t
     """One row per (method, keep): means over prompts x seeds. See the module docstring."""
     from tqdm.auto import tqdm
 
-    from rettn.diffusers.integration import apply_rettention
+    from rettn.diffusers import apply_rettention
     from rettn.tools.metrics import compare
 
     extra = dict(call_kwargs or {})
@@ -82,10 +99,10 @@ def evaluate(pipe, base_config, prompts=DEFAULT_PROMPTS, seeds=(0, 1), methods=t
         per_case = []
         for case in cases:
             handle = apply_rettention(pipe, config)
-            handle.engine.error_log = [] if layer_error else None
+            log = handle.engine.observe(AttentionErrorLog(handle.engine)) if layer_error else None
             try:
                 data, seconds = _generate(pipe, case[0], case[1], steps, extra)
-                stats, errors = handle.stats(), handle.engine.error_log
+                stats, errors = handle.stats(), log.errors if log is not None else None
             finally:
                 handle.remove()
             q = compare(dense[case][0], data, lpips_model)

@@ -154,7 +154,7 @@ def generate(args) -> dict:
     """The whole command on parsed ``args``; returns the summary (also written with --json)."""
     from accelerate import PartialState
 
-    from rettn.diffusers.integration import apply_rettention
+    from rettn.diffusers import apply_rettention
     from rettn.tools.models import load_pipeline
 
     if args.dense and args.compare:

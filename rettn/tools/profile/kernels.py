@@ -82,7 +82,7 @@ def _select(q, k, config, keep, info):
 
 def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 2) -> dict:
     """Kernel timings at the captured attention shape: one row per keep ratio."""
-    from rettn.ops.attention import _auto_backend, attention_with_lse, block_sparse_attention, sparse_attention_rescaled
+    from rettn.ops.attention import auto_backend, attention_with_lse, block_sparse_attention, sparse_attention_rescaled
 
     b, h, s, d = capture.shape
     device, dtype, scale = capture.device, capture.dtype, capture.scale
@@ -124,7 +124,7 @@ def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 
             dense_ms = {name: ms.pop(name) for name in dense_fns}
         ms.update(dense_ms)
         row = {"keep": keep, "density": layout.density(), "ms": ms, "flex_compile_s": compile_s,
-               "backend": config.backend or _auto_backend(q, layout)}
+               "backend": config.backend or auto_backend(q, layout)}
         if "rettn" in ms and "sdpa" in ms:
             row["rettn_vs_sdpa"] = ms["sdpa"] / ms["rettn"]
         if "rettn" in ms and "flex" in ms:

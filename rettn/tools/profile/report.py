@@ -27,7 +27,7 @@ def environment(device: torch.device) -> dict:
     """Device, versions, threads and the variables that change timings, for the report."""
     import diffusers
 
-    from rettn import __version__
+    from rettn._version import __version__
 
     env = {"device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "rettn": __version__, "python": platform.python_version(), "machine": platform.machine(),

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from rettn.core.observers import Observer
 from rettn.tools import args as common
 from rettn.tools.profile.clocks import REGIONS, StepClock, StepRegionTimer, sync
 
@@ -86,8 +87,9 @@ class PipelineRunner:
 
 
 @dataclass
-class Capture:
-    """The first sparse-eligible self-attention call of the longest sequence seen."""
+class Capture(Observer):
+    """The first sparse-eligible self-attention call of the longest sequence seen (an engine
+    observer: ``engine.observe(capture)``)."""
 
     shape: tuple | None = None
     dtype: torch.dtype | None = None
@@ -95,22 +97,16 @@ class Capture:
     scale: float | None = None
     info: object = None
 
-    def wrap(self, engine):
-        attend = engine.attend
-
-        def capturing_attend(q, k, v, scale, info):
-            if info.kind == "self" and (self.shape is None or q.shape[2] > self.shape[2]):
-                self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
-                self.scale, self.info = scale, info
-            return attend(q, k, v, scale, info)
-
-        engine.attend = capturing_attend  # this engine instance only; gone with the handle
+    def on_call(self, q, k, v, scale, info):
+        if info.kind == "self" and (self.shape is None or q.shape[2] > self.shape[2]):
+            self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
+            self.scale, self.info = scale, info
 
 
 def timed_run(runner, num_steps: int, device: torch.device, config=None, capture: Capture | None = None,
               seed: int = 0) -> RunRecord:
     """One generation of ``num_steps`` steps, dense (``config=None``) or with rettn."""
-    from rettn.diffusers.integration import apply_rettention
+    from rettn.diffusers import apply_rettention
 
     timer = StepRegionTimer() if config is not None else None
     clock = StepClock(runner.transformer, device, timer)  # before rettn's hook: its work is timed
@@ -118,9 +114,9 @@ def timed_run(runner, num_steps: int, device: torch.device, config=None, capture
     try:
         if config is not None:
             handle = apply_rettention(runner.target, config.replace(num_inference_steps=num_steps))
-            handle.engine.timer = timer
+            handle.engine.observe(timer)
             if capture is not None:
-                capture.wrap(handle.engine)
+                handle.engine.observe(capture)  # this engine only; gone with the handle
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)

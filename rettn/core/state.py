@@ -1,0 +1,72 @@
+"""Per-layer state of the engine: a layer's slot, its cache entries, and what the integration
+knows about one attention call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rettn.ops.layout import BlockSparseLayout
+
+
+@dataclass
+class CacheEntry:
+    """Statistics of one (layer, branch) from its last cache step."""
+
+    layout: BlockSparseLayout
+    density: torch.Tensor  # 0-d: counted density of the layout (a tensor: no device sync per call)
+    rho: torch.Tensor | None  # (B, H, Sq) float32; advanced by the ramp after each sparse step
+    residual: torch.Tensor | None  # (B, H, Sq, D)
+    shape: tuple
+    finite: torch.Tensor | None = None  # 0-d bool from the cache step's kernel: O_dense all finite
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rho, self.residual) if t is not None)
+
+
+class LayerSlot:
+    """One attention module's state: its cache entries by (CFG branch, batch row), and what its
+    calls did.
+
+    The integration gives each wrapped processor its slot, so an attention call reaches its
+    statistics through an object rather than by its layer number: under torch.compile a layer
+    number read in the traced code is a constant guarded on, and every block compiled separately
+    (diffusers' regional compilation) would recompile once per layer.
+
+    ``id`` numbers the slots of a handle (the keys of :attr:`Engine.cache`); ``layer`` is the
+    index among its model's self-attention layers (what ``skip_layers`` refers to); ``model``
+    which patched transformer it belongs to (0, or 1 for a pipeline's ``transformer_2``).
+    """
+
+    def __init__(self, layer: int, skip: bool, id: int | None = None, model: int = 0, name: str = ""):
+        self.layer, self.skip = layer, skip
+        self.id = layer if id is None else id
+        self.model, self.name = model, name
+        self.entries: dict[tuple, CacheEntry] = {}
+        # this forward's calls: (0-d density tensor, finite flag) for calls that ran sparse, a
+        # reason string for calls that ran dense
+        self.pending: list = []
+        self.calls = 0  # every call of this module, folded from pending by Engine.flush
+        self.sparse = 0
+        self.dense: dict[str, int] = {}  # reason -> count
+
+    def __repr__(self):
+        return (f"LayerSlot(id={self.id}, layer={self.layer}, model={self.model}, skip={self.skip}, "
+                f"entries={list(self.entries)})")
+
+
+@dataclass
+class CallInfo:
+    """What the integration knows about one attention call."""
+
+    layer: int | None = None  # index among the sparse-eligible layers (or give ``slot``)
+    kind: str = "self"  # "self" or "cross"
+    dense_spans: list = field(default_factory=list)
+    grid: tuple | None = None
+    text_first: int = 0  # tokens before the video range (frame_window's video_start)
+    row: int | None = None  # batch row when a key-padding mask split the batch
+    slot: LayerSlot | None = None  # the layer's state (the integration passes it)
+    key_spans: list = field(default_factory=list)  # key ranges kept dense when queries are a part of the keys
+    call: int = 0  # which attention call of the processor call this is (Mochi: one per sample)

@@ -1,0 +1,56 @@
+"""The denoising step and CFG branch, guessed from the timesteps of a transformer's calls."""
+
+from __future__ import annotations
+
+
+class StepTracker:
+    """Guesses the denoising step and CFG branch from the timesteps of the transformer's calls
+    (for bare transformers; with a pipeline the integration reads the pipeline's own signals).
+
+    A call whose timestep is higher than the previous one (or the first call) starts a new
+    generation; an equal timestep is another call of the same step (Wan calls cond, then uncond);
+    a lower one is the next step. ``rising=True`` is for models whose timestep grows as denoising
+    goes on (Z-Image passes ``(1000 - t) / 1000``): the comparisons flip.
+    """
+
+    def __init__(self, rising: bool = False):
+        self.rising = rising
+        self.reset()
+
+    def reset(self):
+        self.prev_t: float | None = None
+        self.first_t: float | None = None
+        self.step = -1
+        self.branch = 0
+        self.generations = 0
+
+    def on_forward(self, t: float) -> bool:
+        """Advance on a transformer call with timestep ``t``; True when a new generation starts."""
+        if self.rising:
+            t = -t
+        new_gen = self.prev_t is None or t > self.prev_t
+        if new_gen:
+            self.first_t = t
+        if new_gen:
+            self.generations += 1
+            self.step, self.branch = 0, 0
+        elif t == self.prev_t:
+            self.branch += 1
+        else:
+            self.step += 1
+            self.branch = 0
+        self.prev_t = t
+        return new_gen
+
+    def progress(self, end: float = 0.0) -> float | None:
+        """How far the last call is along the denoising trajectory, from its timestep: 0 at the
+        generation's first call, 1 at the timestep ``end`` (where denoising ends: 0 for
+        decreasing timesteps; Z-Image's rising ones end at 1). None before any call."""
+        if self.prev_t is None:
+            return None
+        end = -end if self.rising else end
+        span = self.first_t - end
+        return 0.0 if span <= 0 else min(1.0, max(0.0, (self.first_t - self.prev_t) / span))
+
+    def __repr__(self):
+        return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
