@@ -6,9 +6,10 @@ Four floors, imports running downward only: ``rettn.ops`` (attention operations 
 """
 
 from rettn import errors
-from rettn._version import __version__
+from rettn._version import __version__  # noqa: F401  (rettn.__version__)
 from rettn.core.config import RettnConfig
-from rettn.diffusers.integration import RettnHandle, apply_rettention, describe
+from rettn.diffusers.apply import apply_rettention, describe
+from rettn.diffusers.handle import RettnHandle
 from rettn.ops import selection
 from rettn.ops.attention import (BACKENDS, attention_with_lse, backend_choices, block_sparse_attention,
                                  sparse_attention_rescaled)

@@ -29,6 +29,14 @@ class UnsupportedModelError(RettnError, ValueError):
     """A model rettn cannot make sparse (linear attention, no self-attention, nothing reached)."""
 
 
+class NotReachedError(UnsupportedModelError, RuntimeError):
+    """No attention call of a patched model reached rettn (its processors bypass torch's SDPA)."""
+
+
+class StateError(RettnError, RuntimeError):
+    """An operation that the handle's state does not allow (applying rettn twice to one model)."""
+
+
 class UnsupportedError(RettnError, NotImplementedError):
     """A setting rettn refuses rather than computing a wrong result (ring attention)."""
 
@@ -45,5 +53,6 @@ class UsageError(RettnError, ValueError):
     """A command-line tool's arguments or inputs that cannot work (one line, exit code 2)."""
 
 
-__all__ = ["RettnError", "ConfigError", "InputError", "InputTypeError", "UnsupportedModelError", "UnsupportedError",
+__all__ = ["RettnError", "ConfigError", "InputError", "InputTypeError", "UnsupportedModelError", "NotReachedError", "StateError",
+           "UnsupportedError",
            "MemoryBudgetError", "NumericalError", "UsageError"]

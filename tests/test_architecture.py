@@ -39,7 +39,11 @@ def _imports(name: str, path: Path):
     """(imported rettn module, imported names) for every import in the file, top-level or not."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    typing_only = {id(n) for top in ast.walk(tree) if isinstance(top, ast.If)
+                   and getattr(top.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(top)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: not an import at run time
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("rettn"):

@@ -21,7 +21,7 @@ import rettn
 from rettn import BlockSparseLayout, RettnConfig
 from rettn.ops import selection
 from rettn.tools.cli import main
-from rettn.diffusers.integration import RettnProcessor
+from rettn.diffusers.processor import RettnProcessor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_models import FAMILIES, tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_transformer
 
 import rettn
-from rettn.diffusers.integration import RettnProcessor
+from rettn.diffusers.processor import RettnProcessor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 TIMESTEPS = [950.0, 850.0, 700.0, 600.0, 450.0, 300.0, 200.0, 100.0]

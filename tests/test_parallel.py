@@ -76,7 +76,7 @@ def test_ring_attention_is_refused(two_process_run):
 
 def test_ring_refused_at_call_time_too():
     """enable_parallelism(ring) after apply_rettention: the first call raises, no wrong result."""
-    from rettn.diffusers.integration import _context_parallel
+    from rettn.diffusers.parallel import context_parallel as _context_parallel
 
     class CP:
         _world_size, ring_degree, ulysses_degree = 2, 2, 1

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from rettn.errors import UnsupportedModelError
+
 
 def _patch(config, name, default):
     p = getattr(config, name, default)
@@ -278,7 +280,7 @@ def detect_family(model) -> Family:
     else:
         family = GENERIC
     if family.linear:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"rettn cannot sparsify {type(model).__name__}: its self-attention is linear attention "
             f"({family.notes or 'no softmax'}). Re-ttention reshapes a softmax: rho and R are shares of a "
             "softmax denominator and output, which linear attention does not have"

@@ -89,7 +89,7 @@ CONFIG_CHOICES = {
 # A bool field whose default is True is switched off by --no-<name>; these have shorter names.
 CONFIG_FLAG_NAMES = {"use_rho": "--no-rho", "use_residual": "--no-residual"}
 # Annotation (as written in RettnConfig) -> argument type; None: no flag (set another way).
-_TYPES = {"float": float, "int": nonneg_int, "int | float": schedule_value, "str": str, "str | None": str,
+_TYPES = {"float": float, "int": nonneg_int, "int | float": schedule_value, "int | float | str": schedule_value, "str": str, "str | None": str,
           "int | str | None": str, "list[int]": nonneg_int, "int | None": None, "bool": bool}
 
 # Which fields each command exposes (dataclass order is the order of --help).
