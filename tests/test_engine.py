@@ -345,7 +345,8 @@ def test_region_is_a_no_op_without_region_observers():
 
 
 def test_tools_observe_the_engine_without_setting_its_attributes():
-    from rettn.tools.profile.profiler import Capture, StepRegionTimer
+    from rettn.tools.profile.clocks import StepRegionTimer
+    from rettn.tools.profile.runners import Capture
 
     q, k, v = qkv(1, 2, 256, 32, seed=6)
     eng = engine(keep=0.125)
