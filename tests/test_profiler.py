@@ -245,3 +245,23 @@ def test_argument_syntax_errors_exit_2():
     with pytest.raises(SystemExit) as e:
         command.main(["--steps", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("family", dummy_inputs.FAMILIES)
+def test_dummy_inputs_follow_the_family_row(family):
+    """The profiler's inputs read the family table's facts (timestep scale and dtype, the text-mask
+    argument, image or video, text in the sequence) instead of keeping their own lists."""
+    from rettn.diffusers.families import FAMILIES as TABLE
+
+    row = TABLE[family]
+    ts = dummy_inputs.timestep_tensor(family, 1000.0, 2, dtype=torch.bfloat16)
+    assert float(ts[0]) == row.timestep_scale
+    assert ts.dtype == {"long": torch.long, "float32": torch.float32, "model": torch.bfloat16}[row.timestep_dtype]
+    model = tiny_transformer(family)
+    grid = tiny_shape(family).grid
+    kwargs = dummy_inputs.forward_inputs(family, model, batch=2, grid=grid, text_len=13)
+    masks = {k for k in kwargs if k.endswith("mask")}
+    assert masks == ({row.text_mask_arg} if row.text_mask_arg else set())
+    assert (grid[0] == 1) or not row.image
+    seq = dummy_inputs.sequence_length(family, model.config, grid, 13)
+    assert (seq > grid[0] * grid[1] * grid[2]) == (row.text is not None)

@@ -120,6 +120,11 @@ class Family:
         presets[0]; a preset named in the model's Hub id wins over both.
     timestep: "falling" (1000 -> 0, or 1 -> 0) or "rising" (Z-Image); timestep_end: where it ends
         (for a bare transformer's progress); timestep_arg: the forward argument that holds it.
+    timestep_scale: the timestep runs over [0, timestep_scale] (1000, or 1 for Flux's t / 1000);
+        timestep_dtype: the tensor its pipeline passes, "long", "float32" or "model" (the model's
+        dtype). Both are what the profiler's dummy inputs build.
+    image: an image model (a token grid of one frame). text_mask_arg: the forward argument that
+        takes the text's attention mask, if any.
     linear: its self-attention is linear attention (no softmax): rettn refuses it.
     """
 
@@ -135,6 +140,10 @@ class Family:
     timestep: str = "falling"
     timestep_end: float = 0.0
     timestep_arg: str = "timestep"
+    timestep_scale: float = 1000.0
+    timestep_dtype: str = "float32"
+    image: bool = False
+    text_mask_arg: str | None = None
     conditioning: str = "text"
     kv_text: str | None = None
     linear: bool = False
@@ -149,19 +158,21 @@ FAMILIES: dict[str, Family] = {
     for f in [
         _F("cogvideox", ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
            r"transformer_blocks\.\d+\.attn1", r"perceiver_cross_attention\.\d+", "first", grid_b_f_c_h_w,
-           presets=("cogvideox-2b", "cogvideox-5b"), variants=(("cogvideox-5b", {"num_attention_heads": 48}),)),
+           presets=("cogvideox-2b", "cogvideox-5b"), variants=(("cogvideox-5b", {"num_attention_heads": 48}),), timestep_dtype="long"),
         _F("cogview", ("CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "GlmImageTransformer2DModel"),
-           r"transformer_blocks\.\d+\.attn1", None, "first", grid_channels_first, presets=("cogview4",)),
+           r"transformer_blocks\.\d+\.attn1", None, "first", grid_channels_first, presets=("cogview4",), image=True),
         _F("easyanimate", ("EasyAnimateTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", None, "first",
            grid_channels_first),
         _F("pixart", ("PixArtTransformer2DModel",), r"transformer_blocks\.\d+\.attn1",
            r"transformer_blocks\.\d+\.attn2", None, grid_channels_first, presets=("pixart-alpha", "pixart-sigma"),
            variants=(("pixart-sigma", {"pipeline": "PixArtSigmaPipeline"}),
-                     ("pixart-alpha", {"pipeline": "PixArtAlphaPipeline"}))),
+                     ("pixart-alpha", {"pipeline": "PixArtAlphaPipeline"})),
+           timestep_dtype="long", image=True, text_mask_arg="encoder_attention_mask"),
         _F("hunyuan-dit", ("HunyuanDiT2DModel",), r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", None,
-           grid_channels_first, presets=("hunyuan-dit",)),
+           grid_channels_first, presets=("hunyuan-dit",), timestep_dtype="model", image=True,
+           text_mask_arg="text_embedding_mask"),
         _F("dit", ("DiTTransformer2DModel",), r"transformer_blocks\.\d+\.attn1", None, None, grid_channels_first,
-           notes="class-conditional: no text"),
+           image=True, notes="class-conditional: no text"),
         _F("wan", ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel",
                    "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel", "HeliosTransformer3DModel"),
            r"(vace_)?blocks\.\d+\.attn1", r"(vace_)?blocks\.\d+\.attn2", None, grid_channels_first,
@@ -172,11 +183,12 @@ FAMILIES: dict[str, Family] = {
            grid_b_f_c_h_w, presets=("wan2.1",)),
         _F("flux", ("FluxTransformer2DModel", "ChromaTransformer2DModel", "BriaTransformer2DModel",
                     "BriaFiboTransformer2DModel", "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel"),
-           _JOINT, None, "first", grid_img_ids, presets=("flux",)),
+           _JOINT, None, "first", grid_img_ids, presets=("flux",), timestep_scale=1.0, timestep_dtype="model",
+           image=True),
         _F("flux2", ("Flux2Transformer2DModel", "Flux3Transformer2DModel"), _JOINT, None, "first", grid_img_ids,
-           presets=("flux2",)),
+           presets=("flux2",), timestep_scale=1.0, timestep_dtype="model", image=True),
         _F("qwen-image", ("QwenImageTransformer2DModel",), r"transformer_blocks\.\d+\.attn", None, "first",
-           grid_img_shapes, presets=("qwen-image",)),
+           grid_img_shapes, presets=("qwen-image",), image=True),
         _F("qwen-image21", ("QwenImage21Transformer2DModel",), r"transformer_blocks\.\d+\.attn", None, None,
            grid_img_shapes, kv_text="first", presets=("qwen-image",),
            notes="image queries over [text, image] keys, after a causal text-only call"),
@@ -186,19 +198,21 @@ FAMILIES: dict[str, Family] = {
            grid_img_shapes, kv_text="last", notes="image queries over [image, text] keys"),
         _F("hunyuanvideo", ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
                             "HunyuanImageTransformer2DModel", "MotifVideoTransformer3DModel"),
-           _JOINT, None, "last", grid_channels_first, presets=("hunyuanvideo",)),
+           _JOINT, None, "last", grid_channels_first, presets=("hunyuanvideo",), timestep_dtype="model",
+           text_mask_arg="encoder_attention_mask"),
         _F("hunyuanvideo15", ("HunyuanVideo15Transformer3DModel",), r"transformer_blocks\.\d+\.attn", None, "last",
            grid_channels_first, conditioning="non-grid", presets=("hunyuanvideo15",),
            notes="[video, image, byT5, text, padding] per sample"),
         _F("joyimage", ("JoyImageEditTransformer3DModel",), r"double_blocks\.\d+\.attn", None, "last",
            grid_channels_first),
         _F("ltx-video", ("LTXVideoTransformer3DModel",), r"transformer_blocks\.\d+\.attn1",
-           r"transformer_blocks\.\d+\.attn2", None, grid_ltx_kwargs, presets=("ltx-video",)),
+           r"transformer_blocks\.\d+\.attn2", None, grid_ltx_kwargs, presets=("ltx-video",),
+           text_mask_arg="encoder_attention_mask"),
         _F("ltx2", ("LTX2VideoTransformer3DModel",), r"transformer_blocks\.\d+\.(audio_)?attn1",
            r"transformer_blocks\.\d+\.(attn2|audio_attn2|audio_to_video_attn|video_to_audio_attn)", None,
            grid_ltx_kwargs, presets=("ltx2",), notes="video and audio self-attention; cross-attention dense"),
         _F("sd3", ("SD3Transformer2DModel",), r"transformer_blocks\.\d+\.attn2?", None, "last", grid_channels_first,
-           presets=("sd3",), notes="SD3.5's attn2 is image-only self-attention"),
+           presets=("sd3",), image=True, notes="SD3.5's attn2 is image-only self-attention"),
         _F("auraflow", ("AuraFlowTransformer2DModel",), r"(joint_|single_)transformer_blocks\.\d+\.attn", None,
            "first", grid_channels_first, conditioning="non-grid", notes="register tokens before the text"),
         _F("cosmos", ("CosmosTransformer3DModel",), r"transformer_blocks\.\d+\.attn1",
@@ -216,6 +230,7 @@ FAMILIES: dict[str, Family] = {
            r"visual_transformer_blocks\.\d+\.(video_dec_block\.)?cross_attention", None, grid_b_f_h_w_c),
         _F("z-image", ("ZImageTransformer2DModel",), r"(layers|noise_refiner)\.\d+\.attention", None, "last",
            no_grid, text_from="cap_feats", timestep="rising", timestep_end=1.0, timestep_arg="t", presets=("z-image",),
+           timestep_scale=1.0, image=True,
            notes="text-only context_refiner stays dense; text padded to a multiple of 32"),
         _F("lumina2", ("Lumina2Transformer2DModel",), r"(layers|noise_refiner)\.\d+\.attn", None, "first",
            grid_channels_first, timestep="rising", timestep_end=1.0),

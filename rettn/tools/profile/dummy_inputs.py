@@ -9,9 +9,11 @@ real model's shapes (``rettn profile --random-weights``) and the tests' tiny mod
     out = model(**kwargs)
     kwargs["timestep"] = timestep_tensor("cogvideox", 250.0, 2, device, model.dtype)
 
-Families are rettn's (:mod:`rettn.diffusers.families`): ``cogvideox`` (``cogvideox-rope`` is an alias;
-RoPE is read from the model's config), ``pixart``, ``hunyuan-dit``, ``wan``, ``flux``,
-``hunyuanvideo``, ``ltx-video``.
+Families are rows of rettn's family table (:mod:`rettn.diffusers.families`), which also gives
+the facts these inputs follow (image or video, text in the self-attention sequence, the text-mask
+argument, the timestep's scale and dtype); this module holds only how each family's pipeline
+shapes its tensors: ``cogvideox`` (``cogvideox-rope`` is an alias; RoPE is read from the model's
+config), ``pixart``, ``hunyuan-dit``, ``wan``, ``flux``, ``hunyuanvideo``, ``ltx-video``.
 
 Every tensor is drawn on the CPU from one seeded generator and only then moved to the device
 and dtype, so a seed gives the same inputs on any device.
@@ -23,17 +25,20 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("cogvideox", "pixart", "hunyuan-dit", "wan", "flux", "hunyuanvideo", "ltx-video")
+from rettn.diffusers.families import FAMILIES as TABLE
+from rettn.errors import InputError
+
+FAMILIES = ("cogvideox", "pixart", "hunyuan-dit", "wan", "flux", "hunyuanvideo", "ltx-video")  # built below
 ALIASES = {"cogvideox-rope": "cogvideox"}
-IMAGE_FAMILIES = ("pixart", "hunyuan-dit", "flux")
+IMAGE_FAMILIES = tuple(f for f in FAMILIES if TABLE[f].image)
 # Families whose forward takes a text mask: padded text is produced for them (text_padding).
-MASKED_TEXT = ("pixart", "hunyuan-dit", "hunyuanvideo", "ltx-video")
+MASKED_TEXT = tuple(f for f in FAMILIES if TABLE[f].text_mask_arg)
 
 
 def canonical_family(family: str) -> str:
     family = ALIASES.get(family, family)
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + tuple(ALIASES)}")
+        raise InputError(f"no dummy inputs for family {family!r}; expected one of {FAMILIES + tuple(ALIASES)}")
     return family
 
 
@@ -53,16 +58,15 @@ def text_mask(batch: int, text_len: int, padding: int = 3) -> torch.Tensor:
 
 def timestep_tensor(family: str, t: float, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The ``timestep`` argument for denoising time ``t`` on the 0..1000 scale, as the family's
-    pipeline passes it: CogVideoX and PixArt an integer tensor, Flux ``t / 1000``; Flux,
-    HunyuanVideo and Hunyuan-DiT in the model dtype, Wan and LTX in float32."""
-    family = canonical_family(family)
-    if family in ("cogvideox", "pixart"):
-        ts = torch.full((batch,), int(t), dtype=torch.long)
-    elif family == "flux":
-        ts = torch.full((batch,), t / 1000.0)
+    pipeline passes it (the family row's ``timestep_scale`` and ``timestep_dtype``): CogVideoX
+    and PixArt an integer tensor, Flux ``t / 1000``; Flux, HunyuanVideo and Hunyuan-DiT in the
+    model dtype, Wan and LTX in float32."""
+    row = TABLE[canonical_family(family)]
+    if row.timestep_dtype == "long":
+        ts = torch.full((batch,), int(t * row.timestep_scale / 1000.0), dtype=torch.long)
     else:
-        ts = torch.full((batch,), float(t))
-    if family in ("flux", "hunyuanvideo", "hunyuan-dit"):
+        ts = torch.full((batch,), float(t) if row.timestep_scale == 1000.0 else t * row.timestep_scale / 1000.0)
+    if row.timestep_dtype == "model":
         return ts.to(device=device, dtype=dtype)
     return ts.to(device)
 
@@ -78,11 +82,11 @@ def fixed_text_len(family: str, config) -> int | None:
 
 
 def sequence_length(family: str, config, grid, text_len: int) -> int:
-    """Tokens in the self-attention (joint families add the text)."""
+    """Tokens in the self-attention (joint families, whose row places text in it, add the text)."""
     family = canonical_family(family)
     f, h, w = grid
     n = f * h * w
-    if family in ("cogvideox", "flux", "hunyuanvideo"):
+    if TABLE[family].text is not None:
         n += fixed_text_len(family, config) or text_len
     return n
 
@@ -114,15 +118,16 @@ def forward_inputs(
     device, dtype: default to the model's parameters'.
     """
     family = canonical_family(family)
+    row = TABLE[family]
     f, h, w = (int(x) for x in grid)
     if min(f, h, w) < 1:
-        raise ValueError(f"grid must be three positive token counts (frames, height, width), got {grid}")
+        raise InputError(f"grid must be three positive token counts (frames, height, width), got {grid}")
     if family in IMAGE_FAMILIES and f != 1:
-        raise ValueError(f"{family} is an image model: grid frames must be 1, got {f}")
+        raise InputError(f"{family} is an image model: grid frames must be 1, got {f}")
     cfg = model.config
     L = fixed_text_len(family, cfg) or text_len
     if L is None:
-        raise ValueError(f"text_len is needed for {family}")
+        raise InputError(f"text_len is needed for {family}")
     m_device, m_dtype = _model_device_dtype(model)
     device = m_device if device is None else torch.device(device)
     dtype = m_dtype if dtype is None else dtype
@@ -156,7 +161,6 @@ def forward_inputs(
         out = dict(
             hidden_states=randn(batch, cfg.in_channels, h * p, w * p),
             encoder_hidden_states=randn(batch, L, cfg.caption_channels),
-            encoder_attention_mask=text_mask(batch, L, text_padding),
             timestep=ts(),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
@@ -181,7 +185,6 @@ def forward_inputs(
             hidden_states=randn(batch, cfg.in_channels, h * p, w * p),
             timestep=ts(),
             encoder_hidden_states=randn(batch, L1, cfg.cross_attention_dim),
-            text_embedding_mask=text_mask(batch, L1, text_padding),
             encoder_hidden_states_t5=randn(batch, L2, cfg.cross_attention_dim_t5),
             text_embedding_mask_t5=torch.ones(batch, L2, dtype=torch.long),
             image_meta_size=size_ids.repeat(batch, 1),
@@ -215,19 +218,17 @@ def forward_inputs(
             hidden_states=randn(batch, cfg.in_channels, f * pt, h * p, w * p),
             timestep=ts(),
             encoder_hidden_states=randn(batch, L, cfg.text_embed_dim),
-            encoder_attention_mask=text_mask(batch, L, text_padding),
             pooled_projections=randn(batch, cfg.pooled_projection_dim),
         )
         if cfg.guidance_embeds:
             out["guidance"] = torch.full((batch,), 6.0 * 1000.0)  # pipeline: guidance_scale * 1000
     elif family == "ltx-video":
         if cfg.patch_size != 1 or cfg.patch_size_t != 1:
-            raise ValueError("forward_inputs packs LTX latents for patch size 1 only")
+            raise InputError("forward_inputs packs LTX latents for patch size 1 only")
         out = dict(
             hidden_states=randn(batch, f * h * w, cfg.in_channels),  # packed latents
             encoder_hidden_states=randn(batch, L, cfg.caption_channels),
             timestep=ts(),
-            encoder_attention_mask=text_mask(batch, L, text_padding),
             num_frames=f,
             height=h,
             width=w,
@@ -235,12 +236,14 @@ def forward_inputs(
             rope_interpolation_scale=(8 / 25, 32, 32),
         )
     else:  # pragma: no cover
-        raise ValueError(family)
+        raise InputError(family)
+    if row.text_mask_arg:  # the mask of the text argument the row names
+        out[row.text_mask_arg] = text_mask(batch, out[row.text_from].shape[1], text_padding)
 
     # Cast to the model dtype what the pipelines cast; RoPE tables, masks and the Wan/LTX/
     # CogVideoX/PixArt timesteps keep their own dtype, as in the pipelines.
     cast = {"hidden_states", "encoder_hidden_states", "encoder_hidden_states_t5", "pooled_projections"}
-    if family in ("flux", "hunyuanvideo", "hunyuan-dit"):
+    if row.timestep_dtype == "model":
         cast |= {"timestep", "guidance", "image_meta_size"}
 
     def move(x, to_dtype):
