@@ -16,6 +16,13 @@ from rettn.ops.attention import (BACKENDS, attention_with_lse, backend_choices, 
 from rettn.ops.layout import BlockSparseLayout
 
 
+def calibrate(pipe, prompts, seeds=(0,), **options):
+    """The cheapest schedule that holds a quality floor: :func:`rettn.tools.calibrate.calibrate`
+    (a tool, imported when first called)."""
+    from rettn.tools.calibrate import calibrate as run
+
+    return run(pipe, prompts, seeds, **options)
+
 __all__ = [
     "BACKENDS",
     "BlockSparseLayout",
@@ -25,6 +32,7 @@ __all__ = [
     "attention_with_lse",
     "backend_choices",
     "block_sparse_attention",
+    "calibrate",
     "describe",
     "errors",
     "selection",

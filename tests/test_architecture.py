@@ -181,3 +181,13 @@ def test_python_dash_m_rettn():
     assert out.returncode == 0, out.stderr[-2000:]
     for command in ("generate", "eval", "profile"):
         assert command in out.stdout
+
+
+def test_every_package_is_in_pyproject():
+    """An editable install finds every folder; a wheel only the packages pyproject lists."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rettn").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

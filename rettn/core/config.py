@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,9 @@ from rettn.errors import ConfigError
 PATTERNS = ("topk", "window", "frame_window")
 RESELECT = ("cache", "step")
 BACKEND_CHOICES = (None, "triton", "torch", "flex")
-RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "float8_e4m3fn": torch.float8_e4m3fn}  # fp8: with a float32 scale per row (core.residual)
+FP8_RESIDUAL = "float8_e4m3fn"
 STEP_KINDS = ("dense", "cache", "sparse")
 
 
@@ -170,7 +174,9 @@ class RettnConfig:
         min_seq_len: layers whose sequence is shorter stay dense (sparse does not pay there).
 
     Memory and kernels
-        residual_dtype: dtype of the cached R (``None`` = the attention's dtype).
+        residual_dtype: dtype of the cached R (``None`` = the attention's dtype);
+            ``"float8_e4m3fn"`` stores R in fp8 with a float32 scale per row (about half of bf16's
+            bytes; measure its quality cost with ``rettn calibrate``).
         residual_device: ``None`` (next to the activations) or ``"cpu"`` (offload).
         max_cache_bytes: budget for cached rho + R; exceeding it is an error at the start of a
             generation (before any step runs sparse), naming the bytes needed.
@@ -259,8 +265,9 @@ class RettnConfig:
         return cls(**values)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "RettnConfig":
-        """Load ``configs/<name>.yaml`` and apply keyword overrides."""
+    def from_preset(cls, name, **overrides) -> "RettnConfig":
+        """Load ``configs/presets/<name>.yaml`` (or a preset file: a path ending in ``.yaml``)
+        and apply keyword overrides."""
         values = load_preset(name)["config"]
         values.update(overrides)
         return cls.from_dict(values)
@@ -329,10 +336,23 @@ def load_preset(name: str) -> dict:
     """The parsed preset file: ``{"config": {...}, "family": ..., "tuned": ..., "notes": ...}``."""
     import yaml
 
-    if not isinstance(name, str) or name not in preset_names():
-        raise ConfigError(f"unknown preset {name!r}; available presets: {preset_names()}")
-    text = resources.files("rettn.configs.presets").joinpath(f"{name}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    if isinstance(name, os.PathLike) or (isinstance(name, str) and name.endswith((".yaml", ".yml"))):
+        path = Path(name)  # a preset file of the user's (rettn calibrate writes them)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read preset file '{path}': {e.strerror or e}") from None
+    elif not isinstance(name, str) or name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; available presets: {preset_names()} "
+                          "(or a path to a preset file ending in .yaml)")
+    else:
+        text = resources.files("rettn.configs.presets").joinpath(f"{name}.yaml").read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {name!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} must be a mapping with a 'config' mapping")
     if "config" not in data or not isinstance(data["config"], dict):
         raise ConfigError(f"preset {name!r} has no 'config' mapping")
     return data

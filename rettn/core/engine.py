@@ -17,9 +17,9 @@ import contextlib
 
 import torch
 
-from rettn.core.config import RESIDUAL_DTYPES, RettnConfig, Schedule
+from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
-from rettn.core.residual import ResidualStore
+from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
 from rettn.core.state import CacheEntry, CallInfo, LayerSlot
 from rettn.core.stats import Stats, StepRecord
 from rettn.core.tracking import StepTracker
@@ -257,8 +257,10 @@ class Engine:
                      self.peak_bytes, self.generations, backend_choices())
 
     # ----------------------------------------------------------------- selection
-    def _layout(self, q, k, info: CallInfo) -> BlockSparseLayout:
-        cfg = self.config
+    def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:
+        """The blocks this engine's config selects for one call (``keep`` overrides the config's:
+        what ``rettn calibrate``'s probe uses to try several keeps on the same call)."""
+        cfg = self.config if keep is None else self.config.replace(keep=keep)
         bs = cfg.block_size
         spans = info.dense_spans if cfg.dense_conditioning else []
         if info.kind == "cross" or cfg.pattern == "topk" or q.shape[2] != k.shape[2]:
@@ -267,7 +269,7 @@ class Engine:
             return selection.topk(q, k, cfg.keep, block_q=bs, dense_spans=spans if square else (),
                                   dense_key_spans=key_spans)
         seq = q.shape[2]
-        key = (cfg.pattern, seq, tuple(spans), info.grid, info.text_first, q.device)
+        key = (cfg.pattern, cfg.keep, seq, tuple(spans), info.grid, info.text_first, q.device)
         layout = self.static_layouts.get(key)
         if layout is None:
             if cfg.pattern == "window":
@@ -292,6 +294,8 @@ class Engine:
             per += b * h * s * 4
         if self.config.use_residual:
             per += b * h * s * d * torch.empty((), dtype=rdt).element_size()
+            if self.config.residual_dtype == FP8_RESIDUAL:
+                per += b * h * s * 4  # its scale per row
         return per
 
     def _branches_seen(self) -> int:
@@ -347,27 +351,32 @@ class Engine:
     def _cache_step(self, q, k, v, scale, info):
         cfg = self.config
         with self.region("selection", q.device):
-            layout = self._layout(q, k, info)
+            layout = self.layout(q, k, info)
             density = layout.density_tensor()
-        rho = residual = finite = None
+        rho = residual = finite = scale_r = None
         if cfg.use_rho or cfg.use_residual:
-            rdt = RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
+            fp8 = cfg.residual_dtype == FP8_RESIDUAL
+            rdt = q.dtype if fp8 else RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
             with self.region("attention", q.device):  # dense pass + one sparse pass with rho, R fused
                 out_d, rho, residual, finite = cache_step_attention(
                     q, k, v, layout, scale=scale, use_rho=cfg.use_rho, use_residual=cfg.use_residual,
                     residual_dtype=rdt, check_finite=cfg.check_finite, backend=cfg.backend)
+            if residual is not None and fp8:
+                with self.region("bookkeeping", q.device):
+                    residual, scale_r = quantize_fp8(residual)
+                    rdt = residual.dtype
             if residual is not None and cfg.residual_device is not None:
                 with self.region("bookkeeping", q.device):  # offload (rho, 1/D of R, stays)
                     residual = self.residuals.put(residual, rdt)
         else:
             out_d = None  # plain sparse: the model's own dense attention runs at cache steps
-        return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape), finite)
+        return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape), finite, scale_r)
 
     def _sparse_step(self, q, k, v, scale, info, slot: LayerSlot, entry: CacheEntry):
         cfg = self.config
         if cfg.reselect == "step" and cfg.pattern == "topk":
             with self.region("selection", q.device):
-                layout = self._layout(q, k, info)
+                layout = self.layout(q, k, info)
                 density = layout.density_tensor()
         else:
             layout, density = entry.layout, entry.density
@@ -378,6 +387,9 @@ class Engine:
         if residual is not None and residual.device != q.device:
             with self.region("bookkeeping", q.device):  # offloaded R back (prefetched on CUDA)
                 residual = self.residuals.fetch(residual, q.device)
+        if entry.residual_scale is not None:
+            with self.region("bookkeeping", q.device):
+                residual = dequantize_fp8(residual, entry.residual_scale, q.dtype)
         on_device = rho is not None and rho.device == q.device
         with self.region("attention", q.device):  # rescale, residual, ramp, clamp, check: one kernel
             out, rho_next, finite = sparse_step_attention(

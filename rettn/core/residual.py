@@ -35,6 +35,22 @@ import torch
 from rettn.errors import ConfigError
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R in float8_e4m3fn with a float32 scale per row (its largest magnitude maps to 448):
+    ``(data, scale)``, ``scale`` of shape (..., 1). A zero row keeps scale 1."""
+    amax = residual.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (residual.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`quantize_fp8`, in ``dtype`` on ``data``'s device."""
+    return (data.float() * scale.to(data.device)).to(dtype)
+
+
 class ResidualStore:
     """Puts cached residuals where the config says and brings them back for the sparse steps.
 

@@ -20,10 +20,12 @@ class CacheEntry:
     residual: torch.Tensor | None  # (B, H, Sq, D)
     shape: tuple
     finite: torch.Tensor | None = None  # 0-d bool from the cache step's kernel: O_dense all finite
+    residual_scale: torch.Tensor | None = None  # (B, H, Sq, 1) float32 when R is stored in fp8
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rho, self.residual) if t is not None)
+        parts = (self.rho, self.residual, self.residual_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 class LayerSlot:

@@ -158,7 +158,9 @@ FAMILIES: dict[str, Family] = {
     for f in [
         _F("cogvideox", ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
            r"transformer_blocks\.\d+\.attn1", r"perceiver_cross_attention\.\d+", "first", grid_b_f_c_h_w,
-           presets=("cogvideox-2b", "cogvideox-5b"), variants=(("cogvideox-5b", {"num_attention_heads": 48}),), timestep_dtype="long"),
+           presets=("cogvideox-2b", "cogvideox-5b", "tiny-shapes"),
+           variants=(("cogvideox-5b", {"num_attention_heads": 48}), ("tiny-shapes", {"pipeline": "TinyVideoPipeline"})),
+           timestep_dtype="long"),
         _F("cogview", ("CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "GlmImageTransformer2DModel"),
            r"transformer_blocks\.\d+\.attn1", None, "first", grid_channels_first, presets=("cogview4",), image=True),
         _F("easyanimate", ("EasyAnimateTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", None, "first",

@@ -15,7 +15,7 @@ import argparse
 
 from rettn.tools import args as common
 
-COMMANDS = ("generate", "evaluate", "profile.command")  # modules of rettn.tools, in --help order
+COMMANDS = ("generate", "evaluate", "profile.command", "calibrate.command")  # modules of rettn.tools, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

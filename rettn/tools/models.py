@@ -70,16 +70,11 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: torch.dtype = t
     return pipe.to(device)
 
 
-EMBEDDED_PRESET = "tiny-shapes"
-
-
 def default_preset(pipe) -> str | None:
-    """The preset for a loaded pipeline: ``tiny-shapes`` for the embedded model, else the preset
-    of the transformer's variant (None for models without one)."""
+    """The preset for a loaded pipeline, from the family table: the preset of the transformer's
+    variant (``tiny-shapes`` for the embedded model; None for models without one)."""
     from rettn.diffusers.families import default_preset as family_preset, detect_family
 
-    if type(pipe).__name__ == "TinyVideoPipeline":
-        return EMBEDDED_PRESET
     return family_preset(detect_family(pipe.transformer), pipe.transformer, pipe)
 
 
