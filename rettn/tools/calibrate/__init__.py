@@ -151,8 +151,9 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     all_keeps = tuple(dict.fromkeys(keeps + (base.keep,)))  # the base preset's keep too (the hand row)
     cost_flops = flops_costs(target, all_keeps, base.block_size) if target else None
 
-    # 1. dense references, probed
-    max_age = max(max(intervals), base.schedule(steps or 1000).interval) - 1
+    # 1. dense references, probed (statistics kept as many steps back as the longest interval)
+    n_steps = steps or _default_steps(pipe)
+    max_age = max(max(intervals), base.schedule(n_steps).interval) - 1
     handle = apply_rettention(pipe, base.replace(warmup="100%"))
     probe = handle.engine.observe(StatsProbe(handle.engine, all_keeps, max(1, max_age),
                                              base.ramp, base.clamp_rho))
@@ -260,6 +261,15 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
                     seconds=time.perf_counter() - started, base_config=dataclasses.asdict(base))
     return CalibrationResult(chosen, config_out, preset_name, hand, scored, confirmed, models, settings,
                              sparse_pays, notes)
+
+
+def _default_steps(pipe) -> int:
+    import inspect
+
+    default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    if default is None or not isinstance(default.default, int):
+        raise ConfigError(f"{type(pipe).__name__} has no default num_inference_steps: pass steps=N")
+    return default.default
 
 
 class _OutOfTime(Exception):
