@@ -106,7 +106,7 @@ def _generate(pipe, prompt, seed, steps, extra):
     return np.asarray(data, dtype=np.float32)
 
 
-def _hand(base, num_steps, n_layers):
+def _hand(base, num_steps):
     """The base preset as a candidate (its schedule resolved at ``num_steps``)."""
     sch = base.schedule(num_steps)
     final = num_steps - sch.dense_from if sch.dense_from is not None else 0
@@ -118,7 +118,7 @@ def _hand(base, num_steps, n_layers):
 def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_error: float | None = None,
               preset=None, config=None, steps: int | None = None, keeps=DEFAULT_KEEPS, intervals=DEFAULT_INTERVALS,
               warmups=DEFAULT_WARMUPS, finals=DEFAULT_FINALS, reselects=("cache", "step"), residuals=RESIDUALS,
-              max_dense_layers: int | None = None, max_cache_bytes=None, target: str | None = None,
+              max_dense_layers: int = 2, max_cache_bytes=None, target: str | None = None,
               max_confirm: int = 8, time_budget: float | None = None, progress: bool = True,
               call_kwargs: dict | None = None) -> CalibrationResult:
     """Search for the cheapest schedule whose generations keep ``floor_psnr`` (dB against dense,
@@ -137,17 +137,17 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     check_options(prompts, seeds, floor_psnr, max_attn_error, keeps, intervals, warmups, finals, residuals, reselects)
     if not isinstance(max_confirm, int) or max_confirm < 1:
         raise ConfigError(f"max_confirm must be an integer >= 1, got {max_confirm!r}")
+    if not isinstance(max_dense_layers, int) or max_dense_layers < 0:
+        raise ConfigError(f"max_dense_layers must be an integer >= 0, got {max_dense_layers!r}")
     budget = parse_bytes(max_cache_bytes)
     keeps = tuple(dict.fromkeys(float(k) for k in keeps))
     extra = dict(call_kwargs or {})
     started = time.perf_counter()
     samples = [(p, s) for p in prompts for s in seeds]
 
-    probe_handle = apply_rettention(pipe, config, preset=preset)
-    base, preset_name = probe_handle.config, probe_handle.preset
-    probe_handle.remove()
-    if max_dense_layers is None:
-        max_dense_layers = 2
+    resolved = apply_rettention(pipe, config, preset=preset)  # the config apply_rettention would use
+    base, preset_name = resolved.config, resolved.preset
+    resolved.remove()
     all_keeps = tuple(dict.fromkeys(keeps + (base.keep,)))  # the base preset's keep too (the hand row)
     cost_flops = flops_costs(target, all_keeps, base.block_size) if target else None
 
@@ -192,7 +192,7 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
             continue
         _price(s, models, rank, len(layers))
         scored.append(s)
-    hand_c, hand_skip = _hand(base, num_steps, len(layers))
+    hand_c, hand_skip = _hand(base, num_steps)
     hand = score(hand_c, table, layers, num_steps, probe.entry_bytes)
     if hand is not None:
         _price(hand, models, rank, len(layers))
