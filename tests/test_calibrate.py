@@ -101,6 +101,44 @@ def test_score_counts_steps_drops_worst_layers_and_needs_every_age():
     assert len(grid) == len(set(grid)) == 2 * 2 * 3 * 2
 
 
+def test_fit_budget_downgrades_the_cheapest_error_per_byte_first():
+    from rettn.tools.calibrate.search import fit_budget
+
+    # layer 0 loses little without R, layer 1 a lot; fp8 costs nearly nothing for both
+    err = {"native": {0: 0.01, 1: 0.01}, "float8_e4m3fn": {0: 0.011, 1: 0.011}, "none": {0: 0.02, 1: 0.5}}
+    table = {(layer, s, 0.1, 1, form): e[layer] for form, e in err.items() for layer in (0, 1) for s in range(4)}
+    nbytes = {"native": 100, "float8_e4m3fn": 40, "none": 10}
+    c = Candidate(0, 2, 0, 0.1)
+    s = score(c, table, [0, 1], 4, lambda layer, r: nbytes[r])
+    assert s.cache_bytes == 200
+    assert fit_budget(s, table, [0, 1], 4, lambda layer, r: nbytes[r], 200, ("native", "float8_e4m3fn", "none")) \
+        .layer_residual == {}
+    fp8 = fit_budget(s, table, [0, 1], 4, lambda layer, r: nbytes[r], 80, ("native", "float8_e4m3fn", "none"))
+    assert fp8.layer_residual == {0: "float8_e4m3fn", 1: "float8_e4m3fn"} and fp8.cache_bytes == 80
+    tight = fit_budget(s, table, [0, 1], 4, lambda layer, r: nbytes[r], 50, ("native", "float8_e4m3fn", "none"))
+    assert tight.layer_residual == {0: "none", 1: "float8_e4m3fn"} and tight.cache_bytes == 50
+    assert tight.error > fp8.error > s.error
+    assert fit_budget(s, table, [0, 1], 4, lambda layer, r: nbytes[r], 19, ("native", "float8_e4m3fn", "none")) is None
+    assert fit_budget(s, table, [0, 1], 4, lambda layer, r: nbytes[r], 110, ("native", "none")).layer_residual == {0: "none"}
+
+
+def test_engine_keeps_r_per_layer():
+    q, k, v = qkv(1, 2, 256, 32, seed=4)
+    config = RettnConfig(keep=0.25, block_size=32, warmup=0, refresh_interval=3, min_seq_len=0,
+                         layer_residual={1: "none", 2: "float8_e4m3fn"})
+    eng = Engine(config, n_layers=3, family="test")
+    eng.on_forward(900.0)
+    for layer in range(3):
+        eng.attend(q, k, v, 32 ** -0.5, CallInfo(layer=layer, kind="self"))
+    entries = {layer: eng.slot(layer).entries[(0, None)] for layer in range(3)}
+    assert entries[0].residual.dtype == q.dtype and entries[0].residual_scale is None
+    assert entries[1].residual is None and entries[1].rho is not None
+    assert entries[2].residual.dtype == torch.float8_e4m3fn and entries[2].residual_scale is not None
+    assert eng.cached_bytes == sum(eng._entry_bytes(q, config.layer_residual.get(i)) for i in range(3))
+    with pytest.raises(ConfigError, match="layer_residual"):
+        RettnConfig(layer_residual={0: "bf8"})
+
+
 # ------------------------------------------------------------------------------ cost models
 def test_flops_cost_model_of_cogvideox_2b():
     m = flops_costs("cogvideox-2b", (0.03125, 0.0625), 128)
@@ -229,7 +267,10 @@ def test_calibrate_reports_when_nothing_holds_and_honours_the_memory_budget(pipe
     tight = calibrate(pipe, ["a blue square moving up"], (0,), floor_psnr=0.0, max_confirm=1,
                       max_cache_bytes=native - 1, **SMALL)
     assert tight.scored and all(s.cache_bytes < native for s in tight.scored)
-    assert all(s.candidate.residual == "none" or s.dense_layers for s in tight.scored)
+    assert all(s.candidate.residual in ("none", "per-layer") or s.dense_layers for s in tight.scored)
+    per_layer = [s for s in tight.scored if s.candidate.residual == "per-layer"]
+    assert per_layer and all(s.layer_residual and set(s.layer_residual.values()) <= {"none"} for s in per_layer)
+    assert per_layer[0].config(RettnConfig()).layer_residual == per_layer[0].layer_residual
 
 
 def test_calibrate_keeps_attention_dense_where_sparse_does_not_pay(pipe, tmp_path, monkeypatch):

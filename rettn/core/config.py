@@ -178,6 +178,9 @@ class RettnConfig:
             ``"float8_e4m3fn"`` stores R in fp8 with a float32 scale per row (about half of bf16's
             bytes; measure its quality cost with ``rettn calibrate``).
         residual_device: ``None`` (next to the activations) or ``"cpu"`` (offload).
+        layer_residual: per-layer R, ``{layer index: residual_dtype name or "none"}`` (``"none"``:
+            no R for that layer, rho only); other layers follow ``residual_dtype`` and
+            ``use_residual``. ``rettn calibrate`` writes it to fit a memory budget.
         max_cache_bytes: budget for cached rho + R; exceeding it is an error at the start of a
             generation (before any step runs sparse), naming the bytes needed.
         backend: kernel backend for sparse attention (``None`` = auto).
@@ -204,6 +207,7 @@ class RettnConfig:
     min_seq_len: int = 1024
     residual_dtype: str | None = None
     residual_device: str | None = None
+    layer_residual: dict[int, str] = field(default_factory=dict)
     max_cache_bytes: int | str | None = None
     backend: str | None = None
     check_finite: bool = True
@@ -246,6 +250,12 @@ class RettnConfig:
             raise ConfigError(
                 f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)} or None, got {self.residual_dtype!r}"
             )
+        if not isinstance(self.layer_residual, dict) or not all(
+            _is_int(i) and i >= 0 and (r == "none" or r in RESIDUAL_DTYPES) for i, r in self.layer_residual.items()
+        ):
+            raise ConfigError(f"layer_residual must map layer indices >= 0 to one of {sorted(RESIDUAL_DTYPES)} "
+                              f"or 'none', got {self.layer_residual!r}")
+        self.layer_residual = {int(i): r for i, r in self.layer_residual.items()}
         if self.residual_device not in (None, "cpu"):
             raise ConfigError(f"residual_device must be None or 'cpu', got {self.residual_device!r}")
         self.max_cache_bytes = parse_bytes(self.max_cache_bytes)

@@ -230,6 +230,7 @@ class Engine:
         if slot is None:
             skip = layer in self.config.skip_layers if skip is None else skip
             slot = self.slots[id] = LayerSlot(layer, skip, id=id, model=model, name=name)
+            slot.residual = self.config.layer_residual.get(layer)
         return slot
 
     def note_dense(self, slot: LayerSlot, reason: str):
@@ -286,15 +287,21 @@ class Engine:
         return layout
 
     # ----------------------------------------------------------------- memory
-    def _entry_bytes(self, q) -> int:
+    def _residual_form(self, override: str | None) -> str | None:
+        """The R dtype name of a layer (None: the attention's dtype), or "none" for no R."""
+        if override is not None:
+            return override
+        return self.config.residual_dtype if self.config.use_residual else "none"
+
+    def _entry_bytes(self, q, override: str | None = None) -> int:
         b, h, s, d = q.shape
-        rdt = RESIDUAL_DTYPES.get(self.config.residual_dtype, q.dtype)
+        form = self._residual_form(override)
         per = 0
         if self.config.use_rho:
             per += b * h * s * 4
-        if self.config.use_residual:
-            per += b * h * s * d * torch.empty((), dtype=rdt).element_size()
-            if self.config.residual_dtype == FP8_RESIDUAL:
+        if form != "none":
+            per += b * h * s * d * torch.empty((), dtype=RESIDUAL_DTYPES.get(form, q.dtype)).element_size()
+            if form == FP8_RESIDUAL:
                 per += b * h * s * 4  # its scale per row
         return per
 
@@ -312,7 +319,7 @@ class Engine:
         if budget is None:
             return
         branches = self._branches_seen()
-        need = self._entry_bytes(q) * self.n_layers * branches
+        need = sum(self._entry_bytes(q, self.config.layer_residual.get(i)) for i in range(self.n_layers)) * branches
         if need > budget:
             raise MemoryBudgetError(
                 f"rettn would cache {_bytes(need)} of Re-ttention statistics (rho + R for "
@@ -342,24 +349,26 @@ class Engine:
         if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
             kind = "cache"  # no statistics for this call (new shape or branch): refresh them
         if kind == "cache":
-            out, entry = self._cache_step(q, k, v, scale, info)
+            out, entry = self._cache_step(q, k, v, scale, info, slot.residual)
             slot.entries[key] = entry
             slot.pending.append((entry.density, self._finite(out, entry.finite)))
             return out
         return self._sparse_step(q, k, v, scale, info, slot, entry)
 
-    def _cache_step(self, q, k, v, scale, info):
+    def _cache_step(self, q, k, v, scale, info, override: str | None = None):
         cfg = self.config
         with self.region("selection", q.device):
             layout = self.layout(q, k, info)
             density = layout.density_tensor()
         rho = residual = finite = scale_r = None
-        if cfg.use_rho or cfg.use_residual:
-            fp8 = cfg.residual_dtype == FP8_RESIDUAL
-            rdt = q.dtype if fp8 else RESIDUAL_DTYPES.get(cfg.residual_dtype, q.dtype)
+        form = self._residual_form(override)
+        use_residual = form != "none"
+        if cfg.use_rho or use_residual:
+            fp8 = form == FP8_RESIDUAL
+            rdt = q.dtype if fp8 else RESIDUAL_DTYPES.get(form, q.dtype)
             with self.region("attention", q.device):  # dense pass + one sparse pass with rho, R fused
                 out_d, rho, residual, finite = cache_step_attention(
-                    q, k, v, layout, scale=scale, use_rho=cfg.use_rho, use_residual=cfg.use_residual,
+                    q, k, v, layout, scale=scale, use_rho=cfg.use_rho, use_residual=use_residual,
                     residual_dtype=rdt, check_finite=cfg.check_finite, backend=cfg.backend)
             if residual is not None and fp8:
                 with self.region("bookkeeping", q.device):

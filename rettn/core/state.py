@@ -46,6 +46,7 @@ class LayerSlot:
         self.layer, self.skip = layer, skip
         self.id = layer if id is None else id
         self.model, self.name = model, name
+        self.residual: str | None = None  # RettnConfig.layer_residual's form for this layer, if any
         self.entries: dict[tuple, CacheEntry] = {}
         # this forward's calls: (0-d density tensor, finite flag) for calls that ran sparse, a
         # reason string for calls that ran dense

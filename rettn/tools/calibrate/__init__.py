@@ -25,7 +25,7 @@ import torch
 from rettn.errors import ConfigError, InputError
 from rettn.tools.calibrate.cost import CostModel, flops_costs, measured_costs
 from rettn.tools.calibrate.probe import StatsProbe
-from rettn.tools.calibrate.search import Candidate, Scored, bisect_frontier, candidates, frontier, score
+from rettn.tools.calibrate.search import Candidate, Scored, bisect_frontier, candidates, fit_budget, frontier, score
 
 DEFAULT_KEEPS = (0.125, 0.0625, 0.03125)
 DEFAULT_INTERVALS = (2, 3, 4, 5, 6, 8, 10)
@@ -186,7 +186,10 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     scored = []
     for c in grid:
         s = score(c, table, layers, num_steps, probe.entry_bytes)
-        if s is None or (budget is not None and s.cache_bytes > budget):
+        if s is not None and budget is not None and s.cache_bytes > budget:
+            fits = c.residual == "native" and c.reselect == "cache" and len(residuals) > 1
+            s = fit_budget(s, table, layers, num_steps, probe.entry_bytes, budget, residuals) if fits else None
+        if s is None:
             continue
         if max_attn_error is not None and s.worst > max_attn_error:
             continue
@@ -206,7 +209,7 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
                      "(min_seq_len above this model's sequence)")
 
     def run_candidate(s: Scored, dense_layers):
-        cfg = s.candidate.config(base, dense_layers)
+        cfg = s.config(base) if dense_layers is None else s.candidate.config(base, dense_layers)
         values, densities = [], []
         for sample in samples:
             h = apply_rettention(pipe, cfg)
@@ -225,14 +228,14 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
 
     # 4. confirmation: bisection along the frontier of predicted cost and error
     if hand is not None:
-        run_candidate(hand, hand_skip)
+        run_candidate(hand, hand_skip)  # the hand preset's own skip_layers
     runs = max(1, (len(front)).bit_length())
     with tqdm(total=min(max_confirm, runs), desc="confirming", disable=not progress) as bar:
         def holds(s):
             bar.update(1)
             if time_budget is not None and time.perf_counter() - started > time_budget:
                 raise _OutOfTime
-            return run_candidate(s, s.dense_layers)
+            return run_candidate(s, None)
 
         try:
             chosen, confirmed, cut = bisect_frontier(front, holds, max_confirm)
@@ -246,7 +249,7 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
         notes.append(f"stopped after {max_confirm} confirmations (max_confirm): the choice may not be the cheapest")
     config_out = None
     if chosen is not None:
-        config_out = chosen.candidate.config(base, chosen.dense_layers)
+        config_out = chosen.config(base)
     elif not sparse_pays:
         seq = max(shape[2] for layer in layers for shape in probe.shapes[layer].values())
         config_out = base.replace(min_seq_len=seq + 1)

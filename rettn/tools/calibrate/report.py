@@ -31,7 +31,8 @@ def summary(result) -> str:
     for s in result.confirmed:
         c = s.confirmed
         lines.append(f"  {'HOLDS' if c['holds'] else 'fails'}  {s.candidate.label()}"
-                     f"{' (dense layers ' + str(list(s.dense_layers)) + ')' if s.dense_layers else ''}: "
+                     f"{' (dense layers ' + str(list(s.dense_layers)) + ')' if s.dense_layers else ''}"
+                     f"{' (R per layer ' + str(s.layer_residual) + ')' if s.layer_residual else ''}: "
                      f"min PSNR {c['psnr_min']:.2f} dB, density {c['density']:.4f}, predicted {_speedups(s)}")
     if result.chosen is not None:
         lines.append(f"chosen: {result.chosen.candidate.label()}; predicted whole-run speedup {_speedups(result.chosen)}")
