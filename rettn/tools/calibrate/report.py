@@ -70,9 +70,13 @@ def preset_yaml(result) -> str:
     st = result.settings
     chosen = result.chosen
     family = _family(result)
-    head = [f"# Written by rettn calibrate on {time.strftime('%Y-%m-%d')}: the cheapest schedule found whose",
-            f"# generations kept PSNR >= {st['floor_psnr']} dB against dense on {len(st['prompts'])} prompt(s) x "
-            f"{len(st['seeds'])} seed(s) at {st['num_steps']} steps, ranked by {st['ranked_by']}."]
+    if chosen is not None:
+        head = [f"# Written by rettn calibrate on {time.strftime('%Y-%m-%d')}: the cheapest schedule found whose",
+                f"# generations kept PSNR >= {st['floor_psnr']} dB against dense on {len(st['prompts'])} prompt(s) x "
+                f"{len(st['seeds'])} seed(s) at {st['num_steps']} steps, ranked by {st['ranked_by']}."]
+    else:
+        head = [f"# Written by rettn calibrate on {time.strftime('%Y-%m-%d')}: no schedule is predicted faster than",
+                f"# dense ({st['ranked_by']}), so attention stays dense (min_seq_len above the sequence)."]
     data = {"family": family, "tuned": True,
             "notes": (f"calibrated: {chosen.candidate.label()}; min PSNR {chosen.confirmed['psnr_min']:.2f} dB; "
                       f"predicted speedup {_speedups(chosen)}" if chosen is not None else "; ".join(result.notes)),
