@@ -142,6 +142,12 @@ def config_flag(name: str) -> ConfigFlag:
     return ConfigFlag(name, flag, kw)
 
 
+def add_run_flags(parser) -> None:
+    """``--device`` and ``--no-progress``, as every command that runs a pipeline has them."""
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def add_config_flags(parser, fields, title: str = "sparsity and schedule (override the preset)"):
     """Add the flags of ``fields`` (RettnConfig field names) to ``parser`` in a group; returns it."""
     group = parser.add_argument_group(title)

@@ -174,9 +174,8 @@ def register(subparsers):
     p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
     p.add_argument("--steps", type=common.positive_int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer attention error (saves a dense call per sparse call)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="eval_results", help="where the JSON and the PNG plot go")
-    p.add_argument("--no-progress", action="store_true")
+    common.add_run_flags(p)
     common.add_config_flags(p, FIELDS, title="schedule and blocks of every method (override the preset)")
     p.set_defaults(handler=run)
     return p

@@ -43,14 +43,13 @@ def register(subparsers):
     r.add_argument("--dense", action="store_true", help="baseline run without rettn")
     r.add_argument("--compare", action="store_true", help="also run dense with the same seed; write both side by side; print PSNR/SSIM/LPIPS and the speedup")
     r.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o = g.add_argument_group("output")
     o.add_argument("--out", default=None, help="output file (.png/.jpg images, .mp4/.gif videos); with --prompts a folder (default: outputs/)")
     o.add_argument("--format", default=None, help="with --prompts: file extension of each output (default .gif for video, .png for images)")
     o.add_argument("--fps", type=common.positive_int, default=8)
     o.add_argument("--upscale", type=common.positive_int, default=1, help="enlarge outputs by this factor (nearest neighbour)")
     o.add_argument("--json", default=None, metavar="FILE", help="also write a JSON summary")
-    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    common.add_run_flags(r)
     g.set_defaults(handler=run)
     return g
 

@@ -45,15 +45,10 @@ def register(subparsers):
     c.add_argument("--target", default=None, help="rank by FLOPs of this architecture (configs/archs), e.g. cogvideox-2b; default: time measured here")
     c.add_argument("--max-confirm", type=common.positive_int, default=8, help="full-generation confirmations at most")
     c.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop confirming after this long")
-    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    c.add_argument("--no-progress", action="store_true")
+    common.add_run_flags(c)
     common.add_config_flags(p, FIELDS, title="base config (not searched; override the preset)")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run_calibrate)  # cli.main reports rettn's errors in one line
     return p
-
-
-def run(args) -> int:
-    return common.report_errors(run_calibrate, args)
 
 
 def run_calibrate(args) -> int:
