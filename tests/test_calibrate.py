@@ -57,8 +57,7 @@ def test_probe_errors_are_what_a_sparse_step_with_old_statistics_gives():
     # fp8 R costs little; no R costs more
     assert abs(table[(0, 1, 0.25, 1, "float8_e4m3fn")] - table[(0, 1, 0.25, 1, "native")]) < 0.01
     assert table[(0, 1, 0.25, 1, "none")] > table[(0, 1, 0.25, 1, "native")]
-    assert set(probe.shapes[0].values()) == {(1, 2, 256, 32)}
-    probe.element_size = 4
+    assert set(probe.shapes[0].values()) == {((1, 2, 256, 32), torch.float32)}
     assert probe.entry_bytes(0, "native") == 2 * 256 * (4 + 32 * 4)
     assert probe.entry_bytes(0, "float8_e4m3fn") == 2 * 256 * (4 + 32 + 4)
     assert probe.entry_bytes(0, "none") == 2 * 256 * 4
@@ -246,7 +245,7 @@ def test_calibrate_embedded_model_writes_a_preset_that_reproduces(pipe, tmp_path
 
 
 def _fixed_costs(sparse):
-    def measured(pipe, base, keeps, generate, steps=7, progress=None):
+    def measured(pipe, base, keeps, call_kwargs, seed=0, steps=7, progress=None):
         return CostModel("fixed (test)", {k: 1.1 for k in keeps}, {k: sparse for k in keeps}, None, 1.0)
     return measured
 

@@ -14,13 +14,14 @@ The engine's pieces live in their own modules (``state``, ``stats``, ``tracking`
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 
 import torch
 
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
-from rettn.core.state import CacheEntry, CallInfo, LayerSlot
+from rettn.core.state import CacheEntry, CallInfo, LayerSlot, statistics_bytes
 from rettn.core.stats import Stats, StepRecord
 from rettn.core.tracking import StepTracker
 from rettn.errors import ConfigError, MemoryBudgetError, NumericalError
@@ -61,6 +62,8 @@ class Engine:
                  timestep_end: float = 0.0):
         self.config = config
         self.n_layers = n_layers
+        # how many layers keep R in each form (None: the config's): the budget check's sum
+        self._layer_forms = Counter(config.layer_residual.get(i) for i in range(n_layers))
         self.family = family
         self.tracker = StepTracker(rising=rising_timesteps)
         self.timestep_end = timestep_end
@@ -294,16 +297,9 @@ class Engine:
         return self.config.residual_dtype if self.config.use_residual else "none"
 
     def _entry_bytes(self, q, override: str | None = None) -> int:
-        b, h, s, d = q.shape
         form = self._residual_form(override)
-        per = 0
-        if self.config.use_rho:
-            per += b * h * s * 4
-        if form != "none":
-            per += b * h * s * d * torch.empty((), dtype=RESIDUAL_DTYPES.get(form, q.dtype)).element_size()
-            if form == FP8_RESIDUAL:
-                per += b * h * s * 4  # its scale per row
-        return per
+        dtype = None if form == "none" else RESIDUAL_DTYPES.get(form, q.dtype)
+        return statistics_bytes(q.shape, dtype, self.config.use_rho)
 
     def _branches_seen(self) -> int:
         """CFG branches of this step seen so far (the current one included)."""
@@ -319,7 +315,7 @@ class Engine:
         if budget is None:
             return
         branches = self._branches_seen()
-        need = sum(self._entry_bytes(q, self.config.layer_residual.get(i)) for i in range(self.n_layers)) * branches
+        need = sum(n * self._entry_bytes(q, form) for form, n in self._layer_forms.items()) * branches
         if need > budget:
             raise MemoryBudgetError(
                 f"rettn would cache {_bytes(need)} of Re-ttention statistics (rho + R for "

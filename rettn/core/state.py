@@ -10,6 +10,19 @@ import torch
 from rettn.ops.layout import BlockSparseLayout
 
 
+def statistics_bytes(shape, residual_dtype: torch.dtype | None, use_rho: bool = True) -> int:
+    """Bytes one call of attention ``shape`` (B, H, S, D) caches: rho (float32 per row) when
+    ``use_rho``, R in ``residual_dtype`` (None: no R), and R's float32 scale per row in fp8."""
+    b, h, s, d = shape
+    rows = b * h * s
+    n = rows * 4 if use_rho else 0
+    if residual_dtype is not None:
+        n += rows * d * residual_dtype.itemsize
+        if residual_dtype == torch.float8_e4m3fn:
+            n += rows * 4
+    return n
+
+
 @dataclass
 class CacheEntry:
     """Statistics of one (layer, branch) from its last cache step."""

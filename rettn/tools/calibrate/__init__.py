@@ -169,12 +169,11 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     if not layers:
         raise InputError("no self-attention call reached rettn during the dense run: nothing to calibrate "
                          "(handle.describe() shows why each attention module stays dense)")
-    probe.element_size = torch.empty((), dtype=next(pipe.transformer.parameters()).dtype).element_size()
 
     # 2. cost models
     with tqdm(total=len(all_keeps) + 1, desc="timing steps", disable=not progress) as bar:
-        cost_measured = measured_costs(pipe, base, all_keeps,
-                                       lambda p, n: _generate(p, prompts[0], seeds[0], n, extra), progress=bar)
+        cost_measured = measured_costs(pipe, base, all_keeps, dict(prompt=prompts[0], output_type="np", **extra),
+                                       seeds[0], progress=bar)
     models = {"measured": cost_measured} | ({"flops": cost_flops} if cost_flops else {})
     rank = cost_flops or cost_measured
     notes = []
@@ -251,7 +250,7 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     if chosen is not None:
         config_out = chosen.config(base)
     elif not sparse_pays:
-        seq = max(shape[2] for layer in layers for shape in probe.shapes[layer].values())
+        seq = max(shape[2] for layer in layers for shape, _ in probe.shapes[layer].values())
         config_out = base.replace(min_seq_len=seq + 1)
     elif scored and not any("stopped" in n for n in notes):
         notes.append("no candidate held the floor: lower floor_psnr, or allow larger keeps / more warm-up")

@@ -2,7 +2,7 @@
 
 - :func:`measured_costs`: timed on the device at hand, through the pipeline being calibrated (its
   real attention shape): short generations whose schedule alternates cache and sparse steps,
-  one per keep, each transformer forward timed by hooks (CUDA: synchronised).
+  one per keep, each step timed by the profiler's step clock (CUDA events).
 - :func:`flops_costs`: counted for a named architecture (``configs/archs``, the profiler's specs)
   at its full generation shape: the transformer is built on the meta device and its forward is
   counted by ``torch.utils.flop_counter``; self-attention FLOPs scale with the counted density of
@@ -14,7 +14,6 @@ A layer kept dense at sparse steps costs its share of a dense step (``dense_frac
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,60 +48,27 @@ class CostModel:
                 "attention_share": self.attention_share, "seconds_dense": self.seconds_dense}
 
 
-class _ForwardTimer:
-    """Wall time of each forward of the patched transformers, keyed by the engine's step kind."""
-
-    def __init__(self, handle, device: torch.device):
-        self.handle, self.device, self.times = handle, device, {"dense": [], "cache": [], "sparse": []}
-        self.hooks = []
-        for model in handle.models:
-            self.hooks.append(model.register_forward_pre_hook(self._start))
-            self.hooks.append(model.register_forward_hook(self._stop))
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _start(self, module, args):
-        self._sync()
-        self.t = time.perf_counter()
-
-    def _stop(self, module, args, out):
-        self._sync()
-        self.times[self.handle.engine.kind].append(time.perf_counter() - self.t)
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-
-
-def measured_costs(pipe, base, keeps, generate, steps: int = 7, progress=None) -> CostModel:
-    """Time dense, cache and sparse steps on this device: one short generation per keep with
-    warm-up 1 and a cache step every 2 steps (D C S C S ...), and one all-dense generation.
-    ``generate(pipe, steps)`` runs the pipeline once. The first forward of each run is dropped
-    (compilation, caches)."""
-    from rettn.diffusers import apply_rettention
+def measured_costs(pipe, base, keeps, call_kwargs: dict, seed: int = 0, steps: int = 7, progress=None) -> CostModel:
+    """Time dense, cache and sparse steps on this device with the profiler's step clock
+    (:func:`rettn.tools.profile.runners.timed_run`): one short generation per keep with warm-up 1
+    and a cache step every 2 steps (D C S C S ...), and one all-dense generation. The first step
+    of each run is dropped (compilation, caches)."""
+    from rettn.tools.profile.runners import PipelineRunner, timed_run
 
     device = next(pipe.transformer.parameters()).device
+    runner = PipelineRunner(pipe, call_kwargs)
     dense, cache, sparse = [], {}, {}
-    runs = [None] + list(keeps)
-    for keep in runs:
+    for keep in (None, *keeps):
+        config = base.replace(warmup="100%") if keep is None else \
+            base.replace(keep=keep, warmup=1, refresh_interval=2, dense_final=0)
+        run = timed_run(runner, steps, device, config, seed=seed)
+        times = {"dense": [], "cache": [], "sparse": []}
+        for s in run.steps[1:]:
+            times[s.kind].append(s.seconds)
         if keep is None:
-            config = base.replace(warmup="100%")
+            dense = times["dense"]
         else:
-            config = base.replace(keep=keep, warmup=1, refresh_interval=2, dense_final=0)
-        handle = apply_rettention(pipe, config)
-        timer = _ForwardTimer(handle, device)
-        try:
-            generate(pipe, steps)
-        finally:
-            timer.remove()
-            handle.remove()
-        if keep is None:
-            dense = timer.times["dense"][1:]
-        else:
-            cache[keep] = statistics.median(timer.times["cache"])
-            sparse[keep] = statistics.median(timer.times["sparse"])
+            cache[keep], sparse[keep] = statistics.median(times["cache"]), statistics.median(times["sparse"])
         if progress is not None:
             progress.update(1)
     d = statistics.median(dense)

@@ -25,6 +25,7 @@ import torch
 
 from rettn.core.observers import Observer
 from rettn.core.residual import dequantize_fp8, quantize_fp8
+from rettn.core.state import statistics_bytes
 from rettn.ops.attention import attention_with_lse, block_sparse_attention
 from rettn.ops.reference import cache_statistics, step_rho
 
@@ -42,7 +43,7 @@ class StatsProbe(Observer):
     errors[(layer, step, keep, age, variant)]: relative errors, one per call (CFG branch, row);
     plain[(layer, step, keep)]: errors of plain block-sparse attention (no statistics);
     density[keep]: counted densities of the selected layouts; shapes[layer]: {(branch, row,
-    call): (B, H, S, D)}, the calls whose statistics a plan caches (for the memory it needs)."""
+    call): ((B, H, S, D), dtype)}, the calls whose statistics a plan caches (for its memory)."""
 
     def __init__(self, engine, keeps, max_age: int, ramp: float, clamp_rho: bool = True):
         self.engine, self.keeps, self.max_age = engine, tuple(keeps), int(max_age)
@@ -66,7 +67,7 @@ class StatsProbe(Observer):
         step = eng.step
         self.steps_seen = max(self.steps_seen, step + 1)
         layer = info.slot.layer if info.slot is not None else info.layer
-        self.shapes[layer][(eng.branch, info.row, info.call)] = tuple(q.shape)
+        self.shapes[layer][(eng.branch, info.row, info.call)] = (tuple(q.shape), q.dtype)
         out_d, lse_d = attention_with_lse(q, k, v, scale=scale)
         for keep in self.keeps:
             layout = eng.layout(q, k, info, keep)
@@ -102,14 +103,8 @@ class StatsProbe(Observer):
         return {key: sum(v) / len(v) for key, v in self.errors.items()}
 
     def entry_bytes(self, layer: int, residual: str) -> int:
-        """Bytes of rho + R for one layer (all its calls), R stored as ``residual``."""
-        total = 0
-        for b, h, s, d in self.shapes[layer].values():
-            total += b * h * s * 4
-            if residual == "float8_e4m3fn":
-                total += b * h * s * (d + 4)
-            elif residual != "none":
-                total += b * h * s * d * self.element_size
-        return total
-
-    element_size = 4  # set by calibrate from the model's dtype
+        """Bytes of rho + R for one layer (all its calls), R stored as ``residual`` ("native":
+        in the attention's dtype, as the calls were)."""
+        return sum(statistics_bytes(shape, None if residual == "none" else
+                                    torch.float8_e4m3fn if residual == "float8_e4m3fn" else dtype)
+                   for shape, dtype in self.shapes[layer].values())

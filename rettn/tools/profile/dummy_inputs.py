@@ -28,7 +28,7 @@ import torch
 from rettn.diffusers.families import FAMILIES as TABLE
 from rettn.errors import InputError
 
-FAMILIES = ("cogvideox", "pixart", "hunyuan-dit", "wan", "flux", "hunyuanvideo", "ltx-video")  # built below
+FAMILIES = ("cogvideox", "pixart", "hunyuan-dit", "wan", "flux", "hunyuanvideo", "ltx-video")  # those built below
 ALIASES = {"cogvideox-rope": "cogvideox"}
 IMAGE_FAMILIES = tuple(f for f in FAMILIES if TABLE[f].image)
 # Families whose forward takes a text mask: padded text is produced for them (text_padding).
