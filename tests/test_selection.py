@@ -430,7 +430,8 @@ def test_cached_constants_are_not_shared_across_shapes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_topk_in_a_cuda_graph():
-    """Captured once, replayed on new q and k: the same layout as eager selection."""
+    """No synchronising call; captured once, replayed on new q and k: the same layout as eager
+    selection."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k = (torch.randn(2, 4, 2000, 64, generator=g).cuda().to(torch.bfloat16) for _ in range(2))
     spans = [(0, 226)]
@@ -440,6 +441,13 @@ def test_topk_in_a_cuda_graph():
     with torch.cuda.stream(stream):  # warm up (and fill the constant cache) off the capture
         selection.topk(q, k, 0.0625, block_q=128, dense_spans=spans)
     torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        selection.topk(q, k, 0.0625, block_q=128, dense_spans=spans, dense_key_spans=[(1900, 2000)])
+        selection.topk_mass(q, k, 0.9, block_q=128, dense_spans=spans).density_tensor()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         lay = selection.topk(q, k, 0.0625, block_q=128, dense_spans=spans)
