@@ -473,3 +473,19 @@ def test_selection_compiles_without_graph_break():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
     for c, e in zip(compiled, f(q, k)):
         assert torch.equal(c, e)
+
+
+def test_bench_selection_script_runs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_selection.py"
+    spec = importlib.util.spec_from_file_location("bench_selection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sel.json"
+    result = bench.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--seq", "700", "--text-len", "50",
+                         "--repeats", "1", "--inner", "1", "--json", str(out)])
+    assert result["eager_ms"] > 0 and result["max_kv"] == 6  # 6 key blocks, text dense: full width
+    assert json.loads(out.read_text())["seq"] == 700
