@@ -33,24 +33,66 @@ def check_positive_int(name: str, value) -> int:
 
 
 def block_sizes(seq: int, block: int, device=None) -> torch.Tensor:
-    """Real number of tokens in each block of a sequence of ``seq`` tokens (the tail may be short)."""
-    n = num_blocks(seq, block)
-    sizes = torch.full((n,), block, dtype=torch.int64, device=device)
-    sizes[-1] = seq - (n - 1) * block
-    return sizes
+    """Real number of tokens in each block of a sequence of ``seq`` tokens (the tail may be short).
+
+    Made on ``device`` by kernels (no host-to-device copy, no sync): capturable in a CUDA graph."""
+    starts = torch.arange(num_blocks(seq, block), device=device) * block
+    return (seq - starts).clamp_(max=block)
+
+
+def constant(key: tuple, build):
+    """A small tensor that depends only on ``key`` (shapes, block sizes, spans and a device as the
+    last element), built once by ``build()`` and then served from a bounded cache.
+
+    Selection's per-shape constants (diagonal and span masks, block sizes) come from here, so a
+    hot call launches no kernel for them and never copies from the host. Nothing is cached while
+    a CUDA graph is being captured on the current stream (the kernels that fill a tensor built
+    there only run when the graph replays), under ``torch.compile`` (the build is traced into the
+    graph instead) or for fake tensors. Callers must not modify the tensor in place.
+    """
+    device = torch.device(key[-1]) if key[-1] is not None else torch.device("cpu")
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return build()
+    value = _constants.get(key)
+    if value is None:
+        with torch.inference_mode(False):  # a plain tensor, usable in and out of inference mode
+            value = build()
+        if type(value) is not torch.Tensor:  # a fake or traced tensor: do not keep it
+            return value
+        with _constants_lock:
+            _constants[key] = value
+            while len(_constants) > _CONSTANTS_SIZE:
+                _constants.popitem(last=False)
+    return value
+
+
+_CONSTANTS_SIZE = 256
+_constants: OrderedDict = OrderedDict()
+_constants_lock = threading.Lock()
 
 
 def dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
     """(B, H, nQ, nK) bool -> (counts (B, H, nQ) int32, indices (B, H, nQ, width) int32).
 
-    Selected indices come first, in increasing order; ``width`` defaults to the largest count.
+    Row ``r`` of the indices is the permutation of ``0..nK-1`` that puts the selected block
+    indices first, in increasing order, then the others, in increasing order (a stable sort of
+    the mask), cut to ``width`` columns. Built with a cumulative sum and a scatter: no sort, no
+    sync, shapes fixed by ``width``. ``width=None`` means the largest count, which reads it back
+    from the device (a sync): hot paths pass a width.
     """
-    counts = block_mask.sum(-1, dtype=torch.int32)
-    # A stable descending sort of the mask puts the selected block indices first, in order.
-    order = torch.sort(block_mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    nk = block_mask.shape[-1]
+    incl = block_mask.cumsum(-1)  # int64: selected blocks up to and including each column
+    counts = incl[..., -1:]
+    cols = constant(("dense_to_kv.cols", nk, block_mask.device),
+                    lambda: torch.arange(nk, dtype=torch.int32, device=block_mask.device))
+    # a selected column j goes to incl[j] - 1; an unselected one after the selected blocks, at
+    # counts + (number of unselected columns before j)
+    pos = torch.where(block_mask, incl - 1, counts + cols - incl)
+    order = torch.empty(pos.shape, dtype=torch.int32, device=pos.device).scatter_(-1, pos, cols.expand(pos.shape))
+    counts = counts.squeeze(-1).to(torch.int32)
     if width is None:
         width = max(int(counts.max()) if counts.numel() else 1, 1)
-    return counts, order[..., :width].to(torch.int32).contiguous()
+    return counts, order[..., :width].contiguous()
 
 
 def _version(t: torch.Tensor):
@@ -118,13 +160,17 @@ class BlockSparseLayout:
     Attributes:
         kv_num_blocks: (B, H, nQ) int32, how many key blocks query block ``r`` attends.
         kv_indices: (B, H, nQ, max_kv) int32; row ``[b, h, r, :kv_num_blocks[b, h, r]]`` holds the
-            selected key-block indices in increasing order. Entries past the count are ignored.
+            selected key-block indices, distinct and in strictly increasing order (kernels walk
+            them in that order). Entries past the count are ignored (layouts built by
+            :func:`dense_to_kv`, which selection's dense spans use, fill them with the unselected
+            blocks in increasing order: in range, but not part of the layout).
         block_q, block_k: block sizes in tokens.
         seq_q, seq_k: sequence lengths in tokens (need not be multiples of the block sizes).
 
     B and H may be 1 to broadcast one layout over every batch row or head (static patterns).
     Every query block must attend at least one key block: a row with none is an error here,
-    not NaN at run time.
+    not NaN at run time. ``validate=False`` (what selection passes) checks only types and
+    shapes: no device sync, so a layout can be built inside a captured CUDA graph.
     """
 
     kv_num_blocks: torch.Tensor
@@ -257,8 +303,9 @@ class BlockSparseLayout:
 
     def density_tensor(self) -> torch.Tensor:
         """:meth:`density` as a 0-d float64 tensor on the layout's device (no device sync)."""
-        qs = block_sizes(self.seq_q, self.block_q, self.device).to(torch.float64)
-        ks = block_sizes(self.seq_k, self.block_k, self.device).to(torch.float64)
+        qs, ks = (constant(("density.sizes", seq, block, self.device),
+                           lambda s=seq, b=block: block_sizes(s, b, self.device).to(torch.float64))
+                  for seq, block in ((self.seq_q, self.block_q), (self.seq_k, self.block_k)))
         idx = self.kv_indices.long().clamp(0, self.num_k_blocks - 1)
         per_row = torch.where(self._valid_mask(), ks[idx], 0.0).sum(-1)  # (B, H, nQ) keys per query
         pairs = (per_row * qs).sum(-1)  # (B, H)

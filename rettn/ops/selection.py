@@ -24,6 +24,7 @@ from rettn.ops.layout import (
     block_sizes,
     ceil_blocks,
     check_positive_int,
+    constant,
     dense_to_kv,
     num_blocks,
 )
@@ -76,16 +77,29 @@ def _check_qk(q, k) -> None:
         )
 
 
+def _block_sizes_f32(seq: int, block: int, device) -> torch.Tensor:
+    """(n, 1) float32 real block sizes, cached per (seq, block, device)."""
+    return constant(("selection.sizes", seq, block, device),
+                    lambda: block_sizes(seq, block, device).to(torch.float32).unsqueeze(-1))
+
+
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over the real tokens of each block: (B, H, S, D) -> (B, H, n_blocks, D) float32."""
-    b, h, s, d = x.shape
-    n = num_blocks(s, block)
-    x = x.float()
-    pad = n * block - s
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    sums = x.reshape(b, h, n, block, d).sum(3)
-    return sums / block_sizes(s, block, x.device).to(sums.dtype).view(1, 1, n, 1)
+    """Mean over the real tokens of each block: (B, H, S, D) -> (B, H, n_blocks, D) float32.
+
+    Sums in ``x``'s dtype with float32 accumulation, on views of ``x`` (a strided (B, S, H, D)
+    tensor seen as (B, H, S, D) included): the full blocks as one reduction, a short tail block
+    as another. No padded or float copy of ``x`` is made (on CUDA; a CPU reduction may convert
+    internally), and nothing syncs.
+    """
+    s = x.shape[2]
+    n_full, tail = divmod(s, block)
+    parts = []
+    if n_full:
+        parts.append(x.narrow(2, 0, n_full * block).unflatten(2, (n_full, block)).sum(3, dtype=torch.float32))
+    if tail:
+        parts.append(x.narrow(2, n_full * block, tail).sum(2, keepdim=True, dtype=torch.float32))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return sums / _block_sizes_f32(s, block, x.device)
 
 
 def diagonal_blocks(seq: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
@@ -93,6 +107,14 @@ def diagonal_blocks(seq: int, block_q: int, block_k: int, device=None) -> torch.
     starts = torch.arange(num_blocks(seq, block_q), device=device) * block_q
     mid = starts + (torch.clamp(seq - starts, max=block_q) - 1) // 2
     return mid // block_k
+
+
+def _diagonal_mask(seq: int, block_q: int, block_k: int, device) -> torch.Tensor:
+    """(nQ, nK) bool, True at each query block's diagonal key block; cached."""
+    def build():
+        cols = torch.arange(num_blocks(seq, block_k), device=device)
+        return cols == diagonal_blocks(seq, block_q, block_k, device).unsqueeze(-1)
+    return constant(("selection.diag", seq, block_q, block_k, device), build)
 
 
 def _block_scores(q, k, block_q, block_k, scale):
@@ -107,6 +129,16 @@ def _sorted_layout(indices, block_q, block_k, seq_q, seq_k) -> BlockSparseLayout
     return BlockSparseLayout(counts, idx, block_q, block_k, seq_q, seq_k, validate=False)
 
 
+def _merge(mask, extra, block_q, block_k, seq_q, seq_k) -> BlockSparseLayout:
+    """Layout of ``mask | extra`` ((B, H, nQ, nK) and a broadcastable (nQ, nK) bool), full width
+    (every key block): a shape that does not depend on the data, so it needs no sync and
+    torch.compile traces it once. No row lost a block, so no validation is needed."""
+    if extra is not None:
+        mask = mask | extra
+    counts, indices = dense_to_kv(mask, width=mask.shape[-1])
+    return BlockSparseLayout(counts, indices, block_q, block_k, seq_q, seq_k, validate=False)
+
+
 def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scale=None,
          dense_spans: Sequence[Span] = (), dense_key_spans: Sequence[Span] = ()) -> BlockSparseLayout:
     """Keep the top ``ceil(keep * nK)`` key blocks per (batch, head, query block).
@@ -116,6 +148,9 @@ def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scal
     is always kept. ``dense_spans`` are (start, end) token ranges kept dense (see
     :func:`add_dense_spans`); ``dense_key_spans`` are key ranges every query block attends (see
     :func:`add_dense_key_spans`: for queries over [text, image] keys).
+
+    No device sync, no copy of q or k, no host-to-device copy (per-shape constants are cached
+    on the device): the call can be captured in a CUDA graph and traced by torch.compile.
     """
     _check_qk(q, k)
     keep = _check_keep(keep)
@@ -123,15 +158,18 @@ def topk(q, k, keep: float, block_q: int = 128, block_k: int | None = None, scal
     block_k = check_positive_int("block_k", block_q if block_k is None else block_k)
     scale = resolve_scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
+    if dense_spans and seq_q != seq_k:
+        raise InputError("dense spans apply to self-attention layouts (seq_q == seq_k)")
+    extra = _extra_mask(seq_q, seq_k, block_q, block_k, dense_spans, dense_key_spans, q.device)
     scores = _block_scores(q, k, block_q, block_k, scale)
     if seq_q == seq_k:
-        diag = diagonal_blocks(seq_q, block_q, block_k, q.device)
-        scores[:, :, torch.arange(len(diag), device=q.device), diag] = float("inf")
+        scores.masked_fill_(_diagonal_mask(seq_q, block_q, block_k, q.device), float("inf"))
     n = ceil_blocks(keep, scores.shape[-1])
-    layout = _sorted_layout(scores.topk(n, dim=-1).indices, block_q, block_k, seq_q, seq_k)
-    if dense_key_spans:
-        layout = add_dense_key_spans(layout, dense_key_spans)
-    return add_dense_spans(layout, dense_spans) if dense_spans else layout
+    chosen = scores.topk(n, dim=-1).indices
+    if extra is None:
+        return _sorted_layout(chosen, block_q, block_k, seq_q, seq_k)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+    return _merge(mask, extra, block_q, block_k, seq_q, seq_k)
 
 
 def topk_mass(q, k, mass: float = 0.9, block_q: int = 128, block_k: int | None = None,
@@ -148,20 +186,26 @@ def topk_mass(q, k, mass: float = 0.9, block_q: int = 128, block_k: int | None =
     block_k = check_positive_int("block_k", block_q if block_k is None else block_k)
     scale = resolve_scale(scale, q)
     seq_q, seq_k = q.shape[2], k.shape[2]
+    if dense_spans and seq_q != seq_k:
+        raise InputError("dense spans apply to self-attention layouts (seq_q == seq_k)")
+    extra = _extra_mask(seq_q, seq_k, block_q, block_k, dense_spans, (), q.device)
     scores = _block_scores(q, k, block_q, block_k, scale)
     nk = scores.shape[-1]
-    scores = scores + block_sizes(seq_k, block_k, q.device).float().log()
-    probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
+    log_sizes = constant(("selection.log_sizes", seq_k, block_k, q.device),
+                         lambda: block_sizes(seq_k, block_k, q.device).float().log())
+    probs, order = torch.softmax(scores + log_sizes, dim=-1).sort(dim=-1, descending=True)
     before = probs.cumsum(-1) - probs  # mass of the better blocks
+    cap = ceil_blocks(max_keep, nk)
     rank = torch.arange(nk, device=q.device)
-    take = (before < mass) & (rank < ceil_blocks(max_keep, nk))
-    take[..., 0] = True
+    take = ((before < mass) & (rank < cap)) | (rank == 0)
     mask = torch.zeros_like(take).scatter_(-1, order, take)
     if seq_q == seq_k:
-        diag = diagonal_blocks(seq_q, block_q, block_k, q.device)
-        mask[:, :, torch.arange(len(diag), device=q.device), diag] = True
-    layout = BlockSparseLayout.from_dense(mask, block_q, block_k, seq_q, seq_k)
-    return add_dense_spans(layout, dense_spans) if dense_spans else layout
+        mask |= _diagonal_mask(seq_q, block_q, block_k, q.device)
+    if extra is not None:
+        return _merge(mask, extra, block_q, block_k, seq_q, seq_k)
+    # at most `cap` blocks by mass, plus the diagonal: a width known without reading the counts
+    counts, indices = dense_to_kv(mask, width=min(nk, cap + (seq_q == seq_k)))
+    return BlockSparseLayout(counts, indices, block_q, block_k, seq_q, seq_k, validate=False)
 
 
 def window(seq_len: int, keep: float, block_size: int = 128, dense_spans: Sequence[Span] = (),
@@ -234,8 +278,9 @@ def frame_window(grid: Sequence[int], keep: float, block_size: int = 128, video_
     return BlockSparseLayout.from_dense(mask.view(1, 1, nb, nb), block_size, block_size, seq_len, seq_len)
 
 
-def _span_blocks(spans: Sequence[Span], seq: int, block: int, device) -> torch.Tensor:
-    hit = torch.zeros(num_blocks(seq, block), dtype=torch.bool, device=device)
+def _check_spans(spans: Sequence[Span], seq: int) -> tuple[Span, ...]:
+    """The spans as a tuple of (start, end) Python ints, each inside [0, seq)."""
+    checked = []
     for span in spans:
         try:
             start, end = (int(x) for x in span)
@@ -245,8 +290,32 @@ def _span_blocks(spans: Sequence[Span], seq: int, block: int, device) -> torch.T
             raise InputError(
                 f"dense span {(start, end)} must satisfy 0 <= start < end <= {seq} (sequence length)"
             )
-        hit[start // block : (end - 1) // block + 1] = True
+        checked.append((start, end))
+    return tuple(checked)
+
+
+def _span_blocks(spans: tuple[Span, ...], seq: int, block: int, device) -> torch.Tensor:
+    """(n_blocks,) bool: the blocks overlapping any of the (checked) spans."""
+    ids = torch.arange(num_blocks(seq, block), device=device)
+    hit = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    for start, end in spans:
+        hit |= (ids >= start // block) & (ids <= (end - 1) // block)
     return hit
+
+
+def _extra_mask(seq_q, seq_k, block_q, block_k, spans, key_spans, device):
+    """(nQ, nK) bool of the blocks that ``spans`` (rows and columns) and ``key_spans`` (columns)
+    add to every (batch, head); None when both are empty. Cached per shape, spans and device."""
+    spans = _check_spans(spans, seq_q) if spans else ()
+    key_spans = _check_spans(key_spans, seq_k) if key_spans else ()
+    if not spans and not key_spans:
+        return None
+
+    def build():
+        rows = _span_blocks(spans, seq_q, block_q, device)
+        cols = _span_blocks(spans + key_spans, seq_k, block_k, device)
+        return rows.unsqueeze(-1) | cols
+    return constant(("selection.spans", seq_q, seq_k, block_q, block_k, spans, key_spans, device), build)
 
 
 def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSparseLayout:
@@ -254,22 +323,15 @@ def add_dense_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSp
     blocks, and every query block attends the key blocks overlapping a span.
 
     ``spans`` are (start, end) token ranges of a self-attention sequence: e.g. ``[(0, 226)]`` for
-    CogVideoX's text (first), ``[(seq - n_text, seq)]`` for HunyuanVideo (last).
+    CogVideoX's text (first), ``[(seq - n_text, seq)]`` for HunyuanVideo (last). The result has
+    one column per key block (a static shape; no sync).
     """
     if layout.seq_q != layout.seq_k:
         raise InputError("dense spans apply to self-attention layouts (seq_q == seq_k)")
     if not spans:
         return layout
-    rows = _span_blocks(spans, layout.seq_q, layout.block_q, layout.device)
-    cols = _span_blocks(spans, layout.seq_k, layout.block_k, layout.device)
-    mask = layout.to_dense()
-    mask[:, :, rows] = True
-    mask[..., cols] = True
-    # Full width (every key block) whatever the counts: a shape that does not depend on the data,
-    # so torch.compile traces it once. No row lost its blocks, so no validation is needed.
-    counts, indices = dense_to_kv(mask, width=mask.shape[-1])
-    return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
-                             validate=False)
+    extra = _extra_mask(layout.seq_q, layout.seq_k, layout.block_q, layout.block_k, spans, (), layout.device)
+    return _merge(layout.to_dense(), extra, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
 
 
 def add_dense_key_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> BlockSparseLayout:
@@ -278,12 +340,8 @@ def add_dense_key_spans(layout: BlockSparseLayout, spans: Sequence[Span]) -> Blo
     PRX, NucleusMoE): the text keys stay dense, the image keys are selected."""
     if not spans:
         return layout
-    cols = _span_blocks(spans, layout.seq_k, layout.block_k, layout.device)
-    mask = layout.to_dense()
-    mask[..., cols] = True
-    counts, indices = dense_to_kv(mask, width=mask.shape[-1])
-    return BlockSparseLayout(counts, indices, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k,
-                             validate=False)
+    extra = _extra_mask(layout.seq_q, layout.seq_k, layout.block_q, layout.block_k, (), spans, layout.device)
+    return _merge(layout.to_dense(), extra, layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
 
 
 __all__ = ["topk", "topk_mass", "window", "frame_window", "add_dense_spans", "add_dense_key_spans",
