@@ -61,6 +61,7 @@ CALLS = {
 def _ids(rows):
     return [f"{b}-{str(dt).replace('torch.', '')}-{d}-{e}" for b, dt, d, _, e in rows]
 
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not (ON_CUDA or REHEARSE), reason="needs a CUDA GPU (or RETTN_GPU_TIER=interpret "
@@ -106,7 +107,7 @@ def test_float32_runs_with_auto():
     q, k, v = qkv(B, H, SEQ, 64, FP32, DEV, seed=65)
     layout = _real_layout(q, k)
     out, lse = rettn.block_sparse_attention(q, k, v, layout, return_lse=True, backend=None)
-    assert_close_to_truth(out, lse, q, k, v, layout, floor=1e-5)
+    assert_close_to_truth(out, lse, q, k, v, layout, floor=1e-4)  # fp32 accuracy (bf16 errs ~1e-2)
     rows = [r for r in att.backend_choices() if r["op"] == "sparse+lse" and r["dtype"] == "float32"]
     assert rows and all(not r["choice"].startswith("triton") for r in rows), rows
     assert all("triton" in r["skipped"] for r in rows), rows
