@@ -185,7 +185,7 @@ def choose(choice: str, shape, dtype, device, scale=None, transposed=False, wind
     if not fns:
         return DenseBaseline(None, dev, "default", default, skipped=skipped, shape=info,
                              note="no SDPA backend ran alone at this shape: PyTorch's own order, not pinned")
-    timed = time_calls(fns, torch.device(device), windows, warmup=1)
+    timed = time_calls(fns, torch.device(device), windows, warmup=0)  # each ran once just above
     ms = {tag: 1e3 * r["median_s"] for tag, r in timed.items()}
     best = min(ms, key=ms.get)
     backend = next(_BY_NAME[n] for n in names if label(_BY_NAME[n], dev) == best)
