@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from rettn.tools.profile import archs
+from rettn.tools.profile import baseline as dense_baseline
 from rettn.tools.profile import dummy_inputs
 from rettn.tools.profile import command
+from rettn.tools.profile import kernels as kernel_level
 from rettn.tools.profile.report import write_chart
 from tiny_models import FAMILIES, tiny_inputs, tiny_shape, tiny_transformer
 
@@ -69,6 +71,28 @@ def _check_report(report):
     for key in ("device", "torch", "diffusers", "triton"):
         assert key in report["env"]
     assert "profile" in report["command"] or "pytest" in report["command"]
+    _check_baseline(report)
+
+
+def _check_baseline(report):
+    """The dense baseline is named, and named next to every speedup."""
+    b = report["dense_baseline"]
+    on_cpu = report["env"]["device"] == "cpu"
+    assert b["backend"] in (("cpu flash", "math") if on_cpu else ("cudnn", "flash", "efficient", "math"))
+    assert b["describe"] == f"dense SDPA ({b['backend']})" and b["pinned"] is True
+    assert b["verified"] is True  # PyTorch picks it at the shape inside the pinned context
+    if b["source"] == "measured":  # the fastest of those timed at the model's attention shape
+        assert b["backend"] in b["timings_ms"] and b["timings_ms"][b["backend"]] == min(b["timings_ms"].values())
+    shape = report["kernels"].get("shape")
+    if shape:
+        assert {k: b["shape"][k] for k in shape} == shape  # measured at the shape the kernel table uses
+    summary = report["summary"]
+    assert summary["baseline"] == b["describe"] and summary["run"]["speedup_vs"] == b["describe"]
+    assert all(r["speedup_vs"] == b["describe"] for r in summary["rows"])
+    for r in report["kernels"].get("rows", []):
+        assert r["sdpa_backend"] == b["backend"]
+    for t in (report.get("targets") or {}).values():
+        assert t["vs"] == b["describe"]
 
 
 def test_profile_embedded_model(tmp_path, capsys):
@@ -88,6 +112,10 @@ def test_profile_embedded_model(tmp_path, capsys):
     assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "rettn sparse" in out and "ceiling" in out and "kernel level" in out
+    vs = report["dense_baseline"]["describe"]  # e.g. "dense SDPA (cpu flash)"
+    assert f"x vs {vs} | ceiling" in out and f"faster than a {vs} step" in out and f"a {vs} step" in out
+    assert f"rettn vs sdpa ({report['dense_baseline']['backend']})" in out
+    assert f"dense baseline: {vs}, measured fastest" in out
 
 
 def test_profile_random_weights_arch(tmp_path):
@@ -123,6 +151,9 @@ def test_profile_on_cuda(tmp_path):
     report, _ = _run(argv, tmp_path, "cuda")
     _check_report(report)
     assert report["timing"] == "CUDA events" and report["target"]["dtype"] == "bfloat16"
+    b = report["dense_baseline"]
+    assert b["source"] == "measured" and b["backend"] in ("cudnn", "flash", "efficient", "math")
+    assert b["pytorch_default"] in ("cudnn", "flash", "efficient", "math")
     assert report["env"]["device_name"] and report["summary"]["peak_memory_bytes"]["rettn"] > 0
     assert report["kernels"]["rows"][0]["backend"] == "triton"
 
@@ -232,7 +263,8 @@ def test_register_adds_profile_subcommand():
     (["--density-sweep", "0.1,abc"], "--density-sweep"),
     (["--model", "./no/such/folder"], "neither an existing folder"),
     (["--frames", "2", "--warmup", "0.5", "--refresh-interval", "2.5", "--steps", "2"], "refresh_interval"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU"),
+                                            (["--dense-backend", "cudnn"], "needs CUDA")]))
 def test_bad_input_one_line_exit_2(argv, message, capsys, tmp_path):
     rc = command.main(argv + ["--json", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -265,3 +297,117 @@ def test_dummy_inputs_follow_the_family_row(family):
     assert (grid[0] == 1) or not row.image
     seq = dummy_inputs.sequence_length(family, model.config, grid, 13)
     assert (seq > grid[0] * grid[1] * grid[2]) == (row.text is not None)
+
+
+# ------------------------------------------------------------------ the dense baseline
+def test_baseline_keeps_the_fastest_and_pins_it(monkeypatch):
+    """auto times SDPA under each backend that runs at the shape and keeps the fastest; its
+    context makes PyTorch pick it (here math, made 'fastest' by a stub timer)."""
+    def fake_timer(fns, device, windows, warmup=2, **kw):
+        assert set(fns) == {"cpu flash", "math"}
+        return {n: {"median_s": 0.001 if n == "math" else 0.002} for n in fns}
+
+    monkeypatch.setattr(kernel_level, "time_calls", fake_timer)
+    b = dense_baseline.choose("auto", (1, 2, 64, 16), torch.float32, "cpu")
+    assert b.source == "measured" and b.name == "math" and b.describe() == "dense SDPA (math)" and b.verified
+    assert b.timings_ms == {"cpu flash": 2.0, "math": 1.0}
+    q = torch.randn(1, 2, 64, 16)
+    assert dense_baseline.default_pick(q, q, q) == torch.nn.attention.SDPBackend.FLASH_ATTENTION
+    with b.context():
+        assert dense_baseline.default_pick(q, q, q) == torch.nn.attention.SDPBackend.MATH
+    assert dense_baseline.default_pick(q, q, q) == torch.nn.attention.SDPBackend.FLASH_ATTENTION  # restored
+    assert b.to_json()["pytorch_default"] == "cpu flash"
+
+
+def test_baseline_really_times_and_skips_math_beyond_its_limit(monkeypatch):
+    b = dense_baseline.choose("auto", (1, 2, 64, 16), torch.float32, "cpu", windows=1)
+    assert set(b.timings_ms) == {"cpu flash", "math"} and all(ms > 0 for ms in b.timings_ms.values())
+    assert b.timings_ms[b.name] == min(b.timings_ms.values())
+    monkeypatch.setattr(dense_baseline, "MATH_LIMIT_BYTES", 1024)
+    b = dense_baseline.choose("auto", (1, 2, 64, 16), torch.float32, "cpu", windows=1)
+    assert b.name == "cpu flash" and "score matrix" in b.skipped["math"] and set(b.timings_ms) == {"cpu flash"}
+
+
+def test_baseline_named_and_default():
+    named = dense_baseline.choose("math", (1, 1, 32, 16), torch.float32, "cpu")
+    assert named.source == "named" and named.describe() == "dense SDPA (math)" and not named.timings_ms
+    default = dense_baseline.choose("default", (1, 1, 32, 16), torch.float32, "cpu")
+    assert default.backend is None and default.describe() == "dense SDPA (cpu flash, PyTorch's default pick)"
+    with pytest.raises(Exception, match="--dense-backend must be one of"):
+        dense_baseline.choose("fastest", (1, 1, 32, 16), torch.float32, "cpu")
+
+
+def test_generate_names_its_dense_baseline():
+    """rettn generate --compare's speedup says what the dense run attended with."""
+    model = tiny_transformer("cogvideox")
+    assert dense_baseline.default_description(model) == "dense SDPA (cpu flash, PyTorch's default pick)"
+    assert dense_baseline.default_description(None) == "dense SDPA (PyTorch's default pick)"
+
+
+def test_profile_dense_backend_default_is_unpinned(tmp_path):
+    report, _ = _run(ARCH_ARGS + ["--no-chart", "--no-kernels", "--dense-backend", "default", "--warmup-runs", "0"],
+                     tmp_path, "default")
+    b = report["dense_baseline"]
+    assert b["source"] == "default" and b["pinned"] is False and b["backend"] == "cpu flash"
+    assert report["summary"]["run"]["speedup_vs"] == "dense SDPA (cpu flash, PyTorch's default pick)"
+    assert any("1-step rettn run read the attention shape" in n for n in report["notes"])
+
+
+def test_kernel_rows_reach_the_json_as_they_finish(tmp_path, monkeypatch):
+    """A run cut during the kernel table keeps its step timings and the rows done so far."""
+    real = command.kernel_table
+
+    class Cut(Exception):
+        pass
+
+    def cut_after_first_row(*a, on_row=None, **kw):
+        def row(table):
+            on_row(table)
+            raise Cut
+
+        return real(*a, on_row=row, **kw)
+
+    monkeypatch.setattr(command, "kernel_table", cut_after_first_row)
+    path = tmp_path / "cut.json"
+    with pytest.raises(Cut):
+        command.main(ARCH_ARGS + ["--no-chart", "--density-sweep", "0.5", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["summary"]["run"]["speedup"] > 0 and report["runs"]["dense"]
+    k = report["kernels"]
+    assert len(k["rows"]) == 1 and k["partial"].startswith("1 of 2 keep ratios")
+    assert k["sdpa_backend"] == report["dense_baseline"]["backend"]
+
+
+def test_pinned_baseline_reaches_the_models_sdpa_calls():
+    """timed_run's ``dense`` context is where the model's own SDPA calls run: pinned to math, no
+    call reaches PyTorch's CPU flash kernel; pinned to flash, they do."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rettn.tools.profile.runners import TransformerRunner, timed_run
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_transformer("cogvideox")
+    runner = TransformerRunner(model, "cogvideox", tiny_inputs("cogvideox", model, batch=1))
+    for backend, flash_calls in ((SDPBackend.MATH, False), (SDPBackend.FLASH_ATTENTION, True)):
+        pin, ops = dense_baseline.DenseBaseline(backend, "cpu", "named"), Ops()
+
+        def dense(pin=pin, ops=ops):
+            stack = contextlib.ExitStack()
+            stack.enter_context(pin.context())
+            stack.enter_context(ops)
+            return stack
+
+        timed_run(runner, 1, torch.device("cpu"), dense=dense)
+        assert ("aten._scaled_dot_product_flash_attention_for_cpu" in ops.names) is flash_calls
+        assert ("aten._safe_softmax" in ops.names) is not flash_calls  # the math path's softmax

@@ -242,10 +242,13 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
         _write_media(both, media.side_by_side(dense, data), is_video, args)
         record["compare_output"] = str(both)
         lp = f"LPIPS {q['lpips']:.4f}" if q["lpips"] is not None else lpips_note
+        from rettn.tools.profile.baseline import default_description
+
         speed = record["dense_seconds"] / record["seconds"]
+        vs = default_description(getattr(pipe, "transformer", None) or getattr(pipe, "unet", None))
         print(f"{target.name}: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f}, {lp}; dense {record['dense_seconds']:.2f} s, "
-              f"rettn {record['seconds']:.2f} s, speedup {speed:.2f}x; side by side (dense | rettn): {both}")
-        record["speedup"] = speed
+              f"rettn {record['seconds']:.2f} s, speedup {speed:.2f}x vs {vs}; side by side (dense | rettn): {both}")
+        record["speedup"], record["speedup_vs"] = speed, vs
     return record
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from rettn.errors import UsageError
 from rettn.ops.attention import backend_choices
 from rettn.tools import args as common
+from rettn.tools.profile import baseline as dense_baseline
 from rettn.tools.profile.kernels import density_keeps, kernel_table
-from rettn.tools.profile.report import environment, format_report, load_average, write_chart
+from rettn.tools.profile.report import baseline_line, environment, format_report, load_average, write_chart
 from rettn.tools.profile.runners import Capture, timed_run
 from rettn.tools.profile.summary import KINDS, check_targets, summarize
 from rettn.tools.profile.targets import EMBEDDED, EMBEDDED_PRESET, setup_arch, setup_pipeline
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--repeats", type=common.positive_int, default=1, help="timed runs of each mode (default 1)")
     r.add_argument("--warmup-runs", type=common.nonneg_int, default=1,
                    help="untimed warm-up rounds: a 2-step dense run and a 3-step rettn run (dense, cache, sparse) each (default 1)")
+    r.add_argument("--dense-backend", choices=dense_baseline.CHOICES, default="auto",
+                   help="the dense baseline's SDPA backend: auto (default: the one measured fastest at the model's "
+                   "attention shape, pinned for both runs), default (PyTorch's own order, diffusers' default), or one named")
     r.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--seed", type=int, default=0)
@@ -145,6 +149,8 @@ def profile(args) -> dict:
         load_preset(args.preset)  # unknown preset: fail before building anything
     device = common.device(args.device)
     common.check_backend(args.backend, device)
+    if device.type != "cuda" and args.dense_backend in ("cudnn", "efficient"):
+        raise ProfileError(f"--dense-backend {args.dense_backend} needs CUDA; on {device.type}: auto, default, flash or math")
     # where the report goes: checked now, not after the runs
     common.check_output(args.json or "profile_results", "--json", folder=args.json is None)
     if args.chart and not args.no_chart:
@@ -168,28 +174,35 @@ def profile(args) -> dict:
     schedule_kinds = config.schedule(steps).kinds(steps)
     counts = {k_: schedule_kinds.count(k_) for k_ in KINDS}
 
-    # ---- warm-up (excluded): compiles kernels, allocators, caches, for every step kind
+    # ---- warm-up (excluded): compiles kernels, allocators, caches, for every step kind. The
+    # first rettn run reads the attention shape (a 1-step run without warm-up), then the dense
+    # baseline's SDPA backend is chosen there, and every later run pins it.
     capture = Capture()
     warm_cfg = config.replace(warmup=1, refresh_interval=2, dense_final=0)
     t0 = time.perf_counter()
+    timed_run(runner, 3 if args.warmup_runs else 1, device, warm_cfg, capture=capture, seed=args.seed)
+    baseline = _baseline(args, capture, device)
+    print(f"  dense baseline: {baseline_line(baseline.to_json())}", file=sys.stderr)
     for i in range(args.warmup_runs):
-        timed_run(runner, 2, device, seed=args.seed)
-        timed_run(runner, 3, device, warm_cfg, capture=capture, seed=args.seed)
+        timed_run(runner, 2, device, seed=args.seed, dense=baseline.context)
+        if i:
+            timed_run(runner, 3, device, warm_cfg, seed=args.seed, dense=baseline.context)
     warm_s = time.perf_counter() - t0
-    if args.warmup_runs == 0:  # no warm-up: capture the shape during the first timed rettn run
-        notes.append("no warm-up runs: the timed runs include one-time costs (kernel compilation, allocation)")
+    if args.warmup_runs == 0:
+        notes.append("no warm-up runs: one untimed 1-step rettn run read the attention shape; the timed runs "
+                     "include the other one-time costs (kernel compilation, allocation)")
     warm_desc = (f"warm-up excluded: {args.warmup_runs} round(s) of a 2-step dense run and a 3-step rettn run "
-                 f"(dense, cache, sparse steps), {warm_s:.1f} s" if args.warmup_runs else "no warm-up runs (none excluded)")
+                 f"(dense, cache, sparse steps), and the dense baseline's choice, {warm_s:.1f} s" if args.warmup_runs
+                 else "no warm-up runs (none excluded)")
 
-    # ---- timed runs, dense first in each round
+    # ---- timed runs, dense first in each round, both on the baseline's SDPA backend
     dense_runs, rettn_runs = [], []
     for i in range(args.repeats):
-        dense_runs.append(timed_run(runner, steps, device, seed=args.seed))
-        rettn_runs.append(timed_run(runner, steps, device, config,
-                                    capture=capture if capture.shape is None else None, seed=args.seed))
+        dense_runs.append(timed_run(runner, steps, device, seed=args.seed, dense=baseline.context))
+        rettn_runs.append(timed_run(runner, steps, device, config, seed=args.seed, dense=baseline.context))
         print(f"  timed round {i + 1}/{args.repeats}: dense {dense_runs[-1].total_s:.3f} s, "
               f"rettn {rettn_runs[-1].total_s:.3f} s", file=sys.stderr)
-    summary = summarize(dense_runs, rettn_runs)
+    summary = summarize(dense_runs, rettn_runs, baseline.describe())
     measured = [r.kind for r in rettn_runs[0].steps]
     if measured != schedule_kinds:
         notes.append(f"the rettn run's step kinds {measured} differ from the schedule's {schedule_kinds}")
@@ -213,32 +226,38 @@ def profile(args) -> dict:
         "repeats": args.repeats,
         "load_average": {"before": load_before, "after": load_after},
         "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter",
+        "dense_baseline": baseline.to_json(),
         "summary": summary,
         "runs": {"dense": [r.to_json() for r in dense_runs], "rettn": [r.to_json() for r in rettn_runs]},
-        "kernels": {"skipped": "not measured yet (the run stopped before the kernel table)"},
+        "kernels": {"skipped": "not measured (the run stopped before the kernel table's first row was done)"},
         "backend_choices": backend_choices(),  # what backend=None chose for each call shape, and why
         "notes": notes,
     }
     if spec is not None and spec.targets:
         if target["full_size"] and args.preset in (None, spec.preset) and steps == spec.shape.steps and \
                 not common.config_overrides(args, FIELDS):
-            report["targets"] = check_targets(spec.targets, summary)
+            report["targets"] = check_targets(spec.targets, summary, baseline.describe())
         else:
             report["targets_note"] = (f"{spec.name}'s targets ({spec.targets}) apply to the full shape with its "
                                       "preset and step count: not checked for this run")
     json_path = Path(args.json or f"profile_results/profile-{_slug(target['name'])}.json")
     chart_path = Path(args.chart) if args.chart else json_path.with_suffix(".png")
-    common.write_json(json_path, report)  # the runs are safe if kernels fail
+    common.write_json(json_path, report)  # the runs are safe if the kernel table is cut or fails
 
-    # ---- kernel level, at the captured shape
+    # ---- kernel level, at the captured shape; the JSON is rewritten after each row
     if args.no_kernels:
         report["kernels"] = {"skipped": "--no-kernels"}
     elif capture.shape is None:
-        report["kernels"] = {"skipped": "no attention call was sparse-eligible (every layer stayed dense: "
-                                        "sequence shorter than min_seq_len, or skip_layers)"}
+        report["kernels"] = {"skipped": "no self-attention call reached rettn's engine (nothing to time)"}
     else:
         repeats = args.kernel_repeats or (20 if device.type == "cuda" else 5)
-        report["kernels"] = kernel_table(capture, config, providers, density_keeps(config.keep, sweep), repeats)
+
+        def partial(table):
+            report["kernels"] = table
+            common.write_json(json_path, report)
+
+        report["kernels"] = kernel_table(capture, config, providers, density_keeps(config.keep, sweep), repeats,
+                                         baseline=baseline, on_row=partial)
 
     if args.no_chart:
         report["chart"] = None
@@ -256,6 +275,20 @@ def profile(args) -> dict:
     print(format_report(report))
     print(f"wrote {json_path}" + (f" and {report['chart']}" if report["chart"] else ""))
     return report
+
+
+def _baseline(args, capture, device) -> dense_baseline.DenseBaseline:
+    """The dense baseline's SDPA backend at the captured attention shape (``--dense-backend``)."""
+    if capture.shape is None:
+        unknown = "no self-attention call reached rettn's engine: the attention shape is unknown"
+        if args.dense_backend in ("auto", "default"):
+            return dense_baseline.DenseBaseline(None, device.type, "default",
+                                                note=f"{unknown}, so PyTorch's own order runs (not measured)")
+        return dense_baseline.DenseBaseline(dense_baseline.backend_named(args.dense_backend), device.type, "named",
+                                            note=f"{unknown}; --dense-backend {args.dense_backend}: not checked there")
+    windows = min(3, args.kernel_repeats or 3)
+    return dense_baseline.choose(args.dense_backend, capture.shape, capture.dtype, capture.device,
+                                 scale=capture.scale, transposed=capture.transposed, windows=windows)
 
 
 def run(args) -> int:

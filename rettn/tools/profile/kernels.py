@@ -80,8 +80,18 @@ def _select(q, k, config, keep, info):
                                   device=q.device)
 
 
-def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 2) -> dict:
-    """Kernel timings at the captured attention shape: one row per keep ratio."""
+def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int | None = None, baseline=None,
+                 on_row=None) -> dict:
+    """Kernel timings at the captured attention shape: one row per keep ratio. ``sdpa`` runs on
+    the dense baseline's backend (``baseline``: a :class:`~rettn.tools.profile.baseline.DenseBaseline`;
+    None: PyTorch's own order); ``on_row(table)`` gets the table so far after each row (the
+    profile rewrites its JSON there, so a run cut mid-table keeps its finished rows). ``warmup``:
+    untimed calls per function before timing (default: 2, at most ``repeats``)."""
+    import contextlib
+
+    warmup = min(2, repeats) if warmup is None else warmup
+    sdpa_context = baseline.context if baseline is not None else contextlib.nullcontext
+    sdpa_name = baseline.name if baseline is not None else "PyTorch's default pick"
     from rettn.ops.attention import auto_backend, attention_with_lse, block_sparse_attention, sparse_attention_rescaled
 
     b, h, s, d = capture.shape
@@ -92,12 +102,19 @@ def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 
     residual = (0.01 * torch.randn(b, h, s, d, generator=g)).to(device=device, dtype=dtype)
     dense_fns = {}
     if "sdpa" in providers:
-        dense_fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)
+        def sdpa():
+            with sdpa_context():
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        dense_fns["sdpa"] = sdpa
     if "dense_lse" in providers:
         dense_fns["dense_lse"] = lambda: attention_with_lse(q, k, v, scale=scale)
     rows, notes, dense_ms = [], [], None
     flex_ok = "flex" in providers
-    for keep in keeps:
+    table = {"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d}, "dtype": str(dtype).replace("torch.", ""),
+             "pattern": config.pattern, "block_size": config.block_size, "repeats": repeats, "warmup": warmup,
+             "sdpa_backend": sdpa_name, "rows": rows, "notes": notes}
+    for i, keep in enumerate(keeps):
         layout = _select(q, k, config, keep, capture.info)
         fns = {"selection": lambda keep=keep: _select(q, k, config, keep, capture.info)}
         if "rettn" in providers:
@@ -124,7 +141,7 @@ def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 
             dense_ms = {name: ms.pop(name) for name in dense_fns}
         ms.update(dense_ms)
         row = {"keep": keep, "density": layout.density(), "ms": ms, "flex_compile_s": compile_s,
-               "backend": config.backend or auto_backend(q, layout)}
+               "backend": config.backend or auto_backend(q, layout), "sdpa_backend": sdpa_name}
         if "rettn" in ms and "sdpa" in ms:
             row["rettn_vs_sdpa"] = ms["sdpa"] / ms["rettn"]
         if "rettn" in ms and "flex" in ms:
@@ -132,9 +149,11 @@ def kernel_table(capture, config, providers, keeps, repeats: int, warmup: int = 
         if "flex" in ms and "sdpa" in ms:
             row["flex_vs_sdpa"] = ms["sdpa"] / ms["flex"]
         rows.append(row)
-    return {"shape": {"batch": b, "heads": h, "seq": s, "head_dim": d}, "dtype": str(dtype).replace("torch.", ""),
-            "pattern": config.pattern, "block_size": config.block_size, "repeats": repeats, "warmup": warmup,
-            "rows": rows, "notes": notes}
+        if on_row is not None:
+            done = i + 1 == len(keeps)
+            on_row(dict(table, rows=list(rows), notes=list(notes), **({} if done else {
+                "partial": f"{i + 1} of {len(keeps)} keep ratios timed; the rest were still running"})))
+    return table
 
 
 def density_keeps(keep: float, sweep) -> list[float]:

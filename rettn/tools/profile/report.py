@@ -70,8 +70,26 @@ def _x(x, spec=".2f"):
     return "-" if x is None else format(x, spec) + "x"
 
 
+def baseline_line(b: dict) -> str:
+    """One line on the dense baseline: its backend, how it was chosen, SDPA's time per backend."""
+    times = ", ".join(f"{n} {ms:.3f}" for n, ms in sorted((b.get("timings_ms") or {}).items(), key=lambda x: x[1]))
+    how = {"measured": "measured fastest", "named": "named by --dense-backend",
+           "default": "PyTorch's own order"}.get(b["source"], b["source"])
+    parts = [f"{b['describe']}, {how}"]
+    if times:
+        parts.append(f"SDPA ms per call at the model's attention shape: {times}")
+    if b.get("pytorch_default") and b.get("pinned"):
+        parts.append(f"PyTorch's default pick there: {b['pytorch_default']}")
+    for name, why in (b.get("skipped") or {}).items():
+        parts.append(f"{name}: {why}")
+    if b.get("note"):
+        parts.append(b["note"])
+    return "; ".join(parts)
+
+
 def format_report(report: dict) -> str:
     t, s = report["target"], report["summary"]
+    vs = s.get("baseline") or "dense SDPA"
     lines = [
         f"rettn profile: {t['description']}",
         f"  on {report['env']['device_name']} ({report['env']['device']}, torch {report['env']['torch']}, "
@@ -80,8 +98,10 @@ def format_report(report: dict) -> str:
         f"block {report['config']['block_size']}; {report['steps']} steps: "
         + ", ".join(f"{n} {k}" for k, n in (report["schedule"]["counts"] or {}).items()),
         f"  {report['warmup']['description']}; {report['repeats']} timed run(s) each, dense first",
+        f"  dense baseline: {baseline_line(report['dense_baseline'])}" if report.get("dense_baseline") else
+        f"  dense baseline: {vs}",
         "",
-        "per step (ms)      | steps/run |    step | attention | selection | bookkeeping |   other | vs dense step",
+        f"per step (ms)      | steps/run |    step | attention | selection | bookkeeping |   other | vs a {vs} step",
     ]
     for r in s["rows"]:
         split = "attention_s" in r
@@ -95,10 +115,10 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"whole run: dense {run['dense_s']:.3f} s, rettn {run['rettn_s']:.3f} s -> speedup {run['speedup']:.2f}x "
-        f"| ceiling (sparse attention free) {run['ceiling_s']:.3f} s -> {_x(run['ceiling_speedup'])}",
+        f"vs {vs} | ceiling (sparse attention free) {run['ceiling_s']:.3f} s -> {_x(run['ceiling_speedup'])}",
         f"  transformer only: dense {run['dense_transformer_s']:.3f} s, rettn {run['rettn_transformer_s']:.3f} s; "
-        f"sparse step {_x(s['sparse_step_speedup'])} faster than a dense step; a cache step costs "
-        f"{_x(s['cache_step_cost'])} a dense step; mean counted density "
+        f"sparse step {_x(s['sparse_step_speedup'])} faster than a {vs} step; a cache step costs "
+        f"{_x(s['cache_step_cost'])} a {vs} step; mean counted density "
         f"{'-' if s['mean_density'] is None else format(s['mean_density'], '.4f')}",
     ]
     mem = s.get("peak_memory_bytes") or {}
@@ -108,9 +128,12 @@ def format_report(report: dict) -> str:
     k = report.get("kernels")
     if k and k.get("rows"):
         sh = k["shape"]
+        sdpa = k.get("sdpa_backend", "PyTorch's default pick")
         lines += ["", f"kernel level: B={sh['batch']} H={sh['heads']} S={sh['seq']} D={sh['head_dim']} {k['dtype']}, "
-                  f"{k['pattern']} block {k['block_size']}, ms per call: medians of {k['repeats']} windows of back-to-back calls",
-                  "keep    | density | sdpa    | dense+lse | flex    | rettn   | rettn+rescale | selection | rettn vs sdpa | vs flex"]
+                  f"{k['pattern']} block {k['block_size']}, ms per call: medians of {k['repeats']} windows of back-to-back calls; "
+                  f"sdpa: SDPA on {sdpa}",
+                  "keep    | density | sdpa    | dense+lse | flex    | rettn   | rettn+rescale | selection | "
+                  f"rettn vs sdpa ({sdpa}) | vs flex"]
         for r in k["rows"]:
             ms = r["ms"]
 
@@ -119,14 +142,17 @@ def format_report(report: dict) -> str:
 
             lines.append(f"{r['keep']:.4f}  | {r['density']:.4f}  | {f('sdpa'):7s} | {f('dense_lse'):9s} | {f('flex'):7s} | "
                          f"{f('rettn'):7s} | {f('rettn_rescaled'):13s} | {f('selection'):9s} | "
-                         f"{_x(r.get('rettn_vs_sdpa')):13s} | {_x(r.get('rettn_vs_flex'))}")
+                         f"{_x(r.get('rettn_vs_sdpa')):{16 + len(sdpa)}s} | {_x(r.get('rettn_vs_flex'))}")
+        if k.get("partial"):
+            lines.append(f"  partial: {k['partial']}")
         for note in k.get("notes", []):
             lines.append(f"  note: {note}")
     elif k:
         lines += ["", f"kernel level: {k.get('skipped')}"]
     for name, tgt in (report.get("targets") or {}).items():
         if isinstance(tgt, dict) and "met" in tgt:
-            lines.append(f"target {name}: {tgt['value']:.2f}x (bound {tgt['bound']}x) -> {'met' if tgt['met'] else 'NOT met'}")
+            lines.append(f"target {name}: {tgt['value']:.2f}x vs {tgt.get('vs') or vs} (bound {tgt['bound']}x) -> "
+                         f"{'met' if tgt['met'] else 'NOT met'}")
     if report.get("targets_note"):
         lines.append(f"targets: {report['targets_note']}")
     for note in report.get("notes", []):
@@ -145,6 +171,7 @@ def write_chart(report: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed: chart skipped (pip install matplotlib)"
     s = report["summary"]
+    vs = s.get("baseline") or "dense SDPA"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     labels = [r["label"] for r in s["rows"]]
     colors = {"attention": "#d62728", "selection": "#ff7f0e", "bookkeeping": "#9467bd", "other": "#7f7f7f"}
@@ -164,8 +191,9 @@ def write_chart(report: dict, path: Path) -> str | None:
     rows = k.get("rows") or []
     if rows:
         dens = [r["density"] for r in rows]
-        for name, marker, label in (("rettn_vs_sdpa", "o", "rettn kernel vs SDPA"),
-                                    ("flex_vs_sdpa", "s", "FlexAttention vs SDPA")):
+        sdpa = f"SDPA ({k.get('sdpa_backend', 'default')})"
+        for name, marker, label in (("rettn_vs_sdpa", "o", f"rettn kernel vs {sdpa}"),
+                                    ("flex_vs_sdpa", "s", f"FlexAttention vs {sdpa}")):
             pts = [(r["density"], r[name]) for r in rows if r.get(name)]
             if pts:
                 ax2.plot(*zip(*sorted(pts)), marker=marker, label=label)
@@ -174,8 +202,8 @@ def write_chart(report: dict, path: Path) -> str | None:
     d = s.get("mean_density")
     if d:
         if s.get("sparse_step_speedup"):
-            ax2.plot([d], [s["sparse_step_speedup"]], "r*", markersize=14, label="sparse step vs dense step (whole transformer)")
-        ax2.plot([d], [s["run"]["speedup"]], "gD", markersize=9, label="whole run vs dense")
+            ax2.plot([d], [s["sparse_step_speedup"]], "r*", markersize=14, label=f"sparse step vs a {vs} step (whole transformer)")
+        ax2.plot([d], [s["run"]["speedup"]], "gD", markersize=9, label=f"whole run vs {vs}")
         if s["run"].get("ceiling_speedup"):
             ax2.plot([d], [s["run"]["ceiling_speedup"]], "g^", markersize=9, fillstyle="none",
                      label="whole-run ceiling (sparse attention free)")

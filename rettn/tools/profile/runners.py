@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -88,7 +89,7 @@ class PipelineRunner:
 
 @dataclass
 class Capture(Observer):
-    """The first sparse-eligible self-attention call of the longest sequence seen (an engine
+    """The first self-attention call of the longest sequence that reached the engine (an engine
     observer: ``engine.observe(capture)``)."""
 
     shape: tuple | None = None
@@ -96,16 +97,20 @@ class Capture(Observer):
     device: torch.device | None = None
     scale: float | None = None
     info: object = None
+    transposed: bool = False  # q is a (B, S, H, D) buffer seen as (B, H, S, D)
 
     def on_call(self, q, k, v, scale, info):
         if info.kind == "self" and (self.shape is None or q.shape[2] > self.shape[2]):
             self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
             self.scale, self.info = scale, info
+            self.transposed = q.stride(1) < q.stride(2)
 
 
 def timed_run(runner, num_steps: int, device: torch.device, config=None, capture: Capture | None = None,
-              seed: int = 0) -> RunRecord:
-    """One generation of ``num_steps`` steps, dense (``config=None``) or with rettn."""
+              seed: int = 0, dense=None) -> RunRecord:
+    """One generation of ``num_steps`` steps, dense (``config=None``) or with rettn; ``dense``: a
+    context manager factory around the run (the dense baseline's SDPA backend: the model's own
+    SDPA calls, and those rettn leaves to the model, run on it)."""
     from rettn.diffusers import apply_rettention
 
     timer = StepRegionTimer() if config is not None else None
@@ -120,10 +125,11 @@ def timed_run(runner, num_steps: int, device: torch.device, config=None, capture
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
-        t0 = time.perf_counter()
-        runner.run(num_steps, seed)
-        sync(device)
-        total = time.perf_counter() - t0
+        with dense() if dense is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            runner.run(num_steps, seed)
+            sync(device)
+            total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         step_times = clock.steps()
         stats = handle.stats() if handle is not None else None
