@@ -192,22 +192,23 @@ def _subparsers() -> dict:
     return dict(sub.choices)
 
 
-@pytest.mark.parametrize("argv, line", [
-    ([], "rettn: error: the following arguments are required: COMMAND (see rettn --help)"),
+@pytest.mark.parametrize("argv, start, prog", [
+    ([], "rettn: error: the following arguments are required: COMMAND", "rettn"),
     (["generate", "--prompt", "x", "--frames", "0"],
-     "rettn: error: argument --frames: expected a positive integer, got '0' (see rettn generate --help)"),
-    (["generate"], "rettn: error: one of the arguments --prompt --prompts is required (see rettn generate --help)"),
-    (["eval", "--methods"], "rettn: error: argument --methods: expected at least one argument (see rettn eval --help)"),
-    (["profile", "--pattern", "diagonal"], "rettn: error: argument --pattern: invalid choice: 'diagonal' "
-                                            "(choose from 'topk', 'window', 'frame_window') (see rettn profile --help)"),
-    (["calibrate", "--reselects", "always"], "rettn: error: argument --reselects: invalid choice: 'always' "
-                                             "(choose from 'cache', 'step') (see rettn calibrate --help)"),
+     "rettn: error: argument --frames: expected a positive integer, got '0'", "rettn generate"),
+    (["generate"], "rettn: error: one of the arguments --prompt --prompts is required", "rettn generate"),
+    (["eval", "--methods"], "rettn: error: argument --methods: expected at least one argument", "rettn eval"),
+    (["profile", "--pattern", "diagonal"], "rettn: error: argument --pattern: invalid choice: 'diagonal'", "rettn profile"),
+    (["calibrate", "--reselects", "always"], "rettn: error: argument --reselects: invalid choice: 'always'",
+     "rettn calibrate"),
+    (["nonsense"], "rettn: error: argument COMMAND: invalid choice: 'nonsense'", "rettn"),
 ])
-def test_usage_errors_are_one_line_in_rettns_format(argv, line, capsys):
+def test_usage_errors_are_one_line_in_rettns_format(argv, start, prog, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert capsys.readouterr().err == line + "\n"
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.endswith(f" (see {prog} --help)\n") and err.count("\n") == 1, err
 
 
 def test_every_subcommand_parser_uses_the_format():
