@@ -294,7 +294,8 @@ def test_calibrate_rejects_bad_options_before_running(pipe):
 def test_cli_calibrate_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert main(["calibrate", "--out", str(tmp_path / "x.txt")]) == 2
     assert "--out must name a .yaml file" in capsys.readouterr().err
-    assert main(["calibrate", "--keeps", "2", "--out", str(tmp_path / "x.yaml")]) == 2
-    assert "keeps must be fractions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a value out of range: the parser's one line
+        main(["calibrate", "--keeps", "2", "--out", str(tmp_path / "x.yaml")])
+    assert e.value.code == 2 and "argument --keeps: expected a fraction in (0, 1], got '2'" in capsys.readouterr().err
     assert main(["calibrate", "--target", "nope", "--out", str(tmp_path / "x.yaml")]) == 2
     assert "unknown --target" in capsys.readouterr().err

@@ -154,3 +154,30 @@ def test_pipeline_reaches_vae_sdpa_untouched():
     assert torch.isfinite(images).all()
     assert all(r["model"] == "transformer" for r in rows)  # the VAE was never patched
     assert isinstance(pipe.vae, diffusers.AutoencoderKL)
+
+
+@torch.no_grad()
+def test_embedded_pipeline_takes_diffusers_caches_alone_and_with_rettn():
+    """rettn.tiny's pipeline wraps its transformer call in cache_context("cond_uncond"), as
+    CogVideoXPipeline does: enable_cache works on it, and rettn reads that name as the CFG branch."""
+    import rettn.tiny
+
+    pipe = rettn.tiny.load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle moving right", num_inference_steps=6, height=16, width=16, num_frames=2,
+                output_type="pt", generator=torch.Generator().manual_seed(0))
+    plain = pipe(**call).frames
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))  # the issue's setting: runs
+    assert torch.isfinite(pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).frames).all()
+    pipe.transformer.disable_cache()
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # reuses after the first step
+    handle = rettn.apply_rettention(pipe, keep=0.25, block_size=32, warmup=1, refresh_interval=2, min_seq_len=0)
+    out = pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).frames
+    rows, stats, branches = self_rows(handle), handle.stats(), {key[1] for key in handle.engine.cache}
+    handle.remove()
+    pipe.transformer.disable_cache()
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert stats.counts()["sparse"] > 0 and branches == {"cond_uncond"}  # the pipeline's context name
+    assert min(r["calls"] for r in rows.values()) < 6  # the cache skipped blocks (one batched CFG call a step)
+    assert torch.equal(pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).frames, plain)  # all removed

@@ -16,9 +16,10 @@ Components (all saved and loaded by ``save_pretrained`` / ``from_pretrained``, n
 - ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (rectified flow; the transformer predicts
   the velocity ``noise - x0``; timesteps are ``sigma * 1000``).
 
-Classifier-free guidance is batched into one transformer call per step ([uncond, cond]), the
-way ``CogVideoXPipeline`` does it, so rettn's step tracking and CFG handling see the same calls
-as with a real CogVideoX model.
+Classifier-free guidance is batched into one transformer call per step ([uncond, cond]) inside
+``transformer.cache_context("cond_uncond")``, the way ``CogVideoXPipeline`` does it, so rettn's
+step tracking and CFG handling, and diffusers' caches (``enable_cache``), see the same calls as
+with a real CogVideoX model.
 """
 
 from __future__ import annotations
@@ -414,13 +415,14 @@ class TinyVideoPipeline(DiffusionPipeline):
                 else:
                     model_input, text = latents, prompt_embeds
                 timestep = t.expand(model_input.shape[0])
-                velocity = self.transformer(
-                    hidden_states=model_input.to(dtype),
-                    encoder_hidden_states=text,
-                    timestep=timestep,
-                    image_rotary_emb=image_rotary_emb,
-                    return_dict=False,
-                )[0].float()
+                with self.transformer.cache_context("cond_uncond"):  # as CogVideoXPipeline: one batched call
+                    velocity = self.transformer(
+                        hidden_states=model_input.to(dtype),
+                        encoder_hidden_states=text,
+                        timestep=timestep,
+                        image_rotary_emb=image_rotary_emb,
+                        return_dict=False,
+                    )[0].float()
                 if self.do_classifier_free_guidance:
                     uncond, cond = velocity.chunk(2)
                     velocity = uncond + self.guidance_scale * (cond - uncond)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -24,6 +25,33 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class CLIError(UsageError):
     """A user-facing error of a command: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------- the parser
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default appended where it has one (not None, not an
+    on/off switch) and its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is argparse.SUPPRESS or \
+                isinstance(default, bool) or "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``rettn`` and, through ``add_subparsers``, of each command: a usage error
+    is one line ``rettn: error: <message> (see rettn <command> --help)`` on stderr and exit code 2,
+    the format of rettn's own errors (:func:`report_errors`)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"rettn: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------- value types
@@ -44,6 +72,58 @@ def nonneg_int(text: str) -> int:
         v = -1
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63) (torch's generators take up to 2**64 - 1; the
+    margin leaves room for ``seed + line``)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed, an integer from 0 to 2**63 - 1, got {text!r}")
+    return v
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A keep ratio: a fraction in (0, 1]."""
+    v = _finite(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def step_fraction(text: str) -> float:
+    """A share of the denoising steps: a fraction in [0, 1)."""
+    v = _finite(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the steps in [0, 1), got {text!r}")
     return v
 
 

@@ -5,8 +5,11 @@
     rettn generate --model THUDM/CogVideoX-2b --preset cogvideox-2b --prompt "..." --out cat.mp4
     accelerate launch --num_processes 4 -m rettn generate --prompts prompts.txt --out outputs/
 
-Bad input (a :class:`rettn.errors.RettnError`, or argparse's usage errors) gets one line on
-stderr and exit code 2; any other exception is a bug and shows its traceback.
+Bad input gets one line ``rettn: error: <message>`` on stderr and exit code 2: a
+:class:`rettn.errors.RettnError` (what the commands check), or a usage error of the parser
+(:class:`rettn.tools.args.Parser`: a wrong value or a missing argument, checked before anything
+loads; its line ends with ``(see rettn <command> --help)``). Any other exception is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ COMMANDS = ("generate", "evaluate", "profile.command", "calibrate.command")  # m
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="rettn", description="Re-ttention sparse attention for diffusion transformers.")
+    parser = common.Parser(prog="rettn", description="Re-ttention sparse attention for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"rettn.tools.{name}").register(sub)
@@ -30,5 +33,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """The console script ``rettn`` (and ``python -m rettn``): the exit code."""
-    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits with 2
+    args = build_parser().parse_args(argv)  # usage errors: one line, SystemExit(2)
     return common.report_errors(args.handler, args)

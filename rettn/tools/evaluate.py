@@ -5,7 +5,7 @@
 
 For each (prompt, seed) the dense output is generated once; each method runs through the same
 engine (``use_rho`` / ``use_residual`` / ``ramp`` / ``pattern`` switches) with the same schedule,
-and is compared with the dense output: PSNR, SSIM, LPIPS (when its package and weights load),
+and is compared with the dense output: PSNR, SSIM, LPIPS (with ``--lpips``: its package and weights),
 the relative error of each sparse-step attention output against dense attention on the same
 inputs, the counted density (conditioning rows and columns included) and the wall time.
 """
@@ -169,9 +169,13 @@ def register(subparsers):
     p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded model)")
     p.add_argument("--preset", default=None, help="base preset for the schedule and block size")
     p.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (default: 8 captions of the embedded model)")
-    p.add_argument("--seeds", type=common.nonneg_int, nargs="+", default=[0, 1])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
-    p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
+    p.add_argument("--seeds", type=common.seed, nargs="+", default=[0, 1], help="seeds; each prompt runs with each")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                   help=f"methods to compare, any of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--keeps", type=common.fraction, nargs="+", default=list(DEFAULT_KEEPS),
+                   help="keep ratios (fractions of key blocks per query block, in (0, 1])")
+    p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its network's "
+                   "weights, downloaded on first use)")
     p.add_argument("--steps", type=common.positive_int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer attention error (saves a dense call per sparse call)")
     p.add_argument("--out-dir", default="eval_results", help="where the JSON and the PNG plot go")
@@ -196,8 +200,6 @@ def run_eval(args) -> dict:
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise CLIError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
-    if any(not 0 < k <= 1 for k in args.keeps):
-        raise CLIError("--keeps values must be fractions in (0, 1]")
     common.check_config_flags(args, FIELDS)
     if args.preset is not None:
         load_preset(args.preset)
@@ -210,21 +212,21 @@ def run_eval(args) -> dict:
     common.check_backend(args.backend, device)
     out = Path(args.out_dir)
     common.check_output(out, "--out-dir", folder=True)  # now, not after the whole evaluation
+    lpips_model = None
+    if args.lpips:  # asked for: unavailable is an error, before the model loads
+        try:
+            lpips_model = LPIPS.load()
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
     pipe = load_pipeline(args.model, device=str(device), dtype=common.dtype(None, device))
     pipe.set_progress_bar_config(disable=True)
     preset = args.preset or default_preset(pipe)
     base = common.build_config(args, FIELDS, preset)
-    try:
-        lpips_model, lpips_note = LPIPS.load(), None
-    except RuntimeError as e:
-        lpips_model, lpips_note = None, str(e)
     t = time.perf_counter()
     rows = evaluate(pipe, base, prompts, tuple(args.seeds), tuple(args.methods), tuple(args.keeps), args.steps,
                     layer_error=not args.no_layer_error, lpips_model=lpips_model, progress=not args.no_progress)
     seconds = time.perf_counter() - t
     print(format_table(rows))
-    if lpips_note:
-        print(lpips_note)
     try:
         out.mkdir(parents=True, exist_ok=True)
         note = plot(rows, out / "quality.png")
@@ -234,7 +236,7 @@ def run_eval(args) -> dict:
         rows=rows, command=" ".join(["rettn"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rettn") else " ".join(sys.argv),
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, preset=preset, base_config=vars(base), prompts=list(prompts), seeds=list(args.seeds),
-        steps=args.steps, lpips=lpips_note or "computed", seconds=seconds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        steps=args.steps, lpips="computed" if args.lpips else "not asked for (--lpips)", seconds=seconds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
     common.write_json(out / "quality.json", report, "--out-dir")
     print(f"rettn: evaluated {len(rows)} (method, keep) pairs on {len(prompts)} prompts x {len(args.seeds)} seeds "

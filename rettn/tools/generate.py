@@ -29,24 +29,26 @@ def register(subparsers):
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts", metavar="FILE", help="a file with one prompt per line; each output is named after its line")
-    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--negative-prompt", default=None, help="what the output should not show (pipelines with CFG; default: the pipeline's)")
     g.add_argument("--model", default=None, help="Hub id or local pipeline folder (default: the embedded model)")
     g.add_argument("--preset", default=None, help="rettn preset (default: the model family's first preset)")
     common.add_config_flags(g, FIELDS)
     r = g.add_argument_group("generation")
     r.add_argument("--steps", type=common.positive_int, help="denoising steps (default: the pipeline's)")
-    r.add_argument("--seed", type=int, default=0, help="seed; with --prompts, line i uses seed + i")
-    r.add_argument("--height", type=common.positive_int)
-    r.add_argument("--width", type=common.positive_int)
+    r.add_argument("--seed", type=common.seed, default=0, help="seed; with --prompts, line i uses seed + i")
+    r.add_argument("--height", type=common.positive_int, help="pixels (default: the pipeline's)")
+    r.add_argument("--width", type=common.positive_int, help="pixels (default: the pipeline's)")
     r.add_argument("--frames", type=common.positive_int, help="number of frames (video models)")
-    r.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    r.add_argument("--guidance", type=common.nonneg_float, help="classifier-free guidance scale (default: the pipeline's)")
     r.add_argument("--dense", action="store_true", help="baseline run without rettn")
-    r.add_argument("--compare", action="store_true", help="also run dense with the same seed; write both side by side; print PSNR/SSIM/LPIPS and the speedup")
+    r.add_argument("--compare", action="store_true", help="also run dense with the same seed; write both side by side; print PSNR/SSIM and the speedup")
+    r.add_argument("--lpips", action="store_true", help="with --compare: also LPIPS (needs the lpips package and its "
+                   "network's weights, downloaded on first use)")
     r.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     o = g.add_argument_group("output")
     o.add_argument("--out", default=None, help="output file (.png/.jpg images, .mp4/.gif videos); with --prompts a folder (default: outputs/)")
     o.add_argument("--format", default=None, help="with --prompts: file extension of each output (default .gif for video, .png for images)")
-    o.add_argument("--fps", type=common.positive_int, default=8)
+    o.add_argument("--fps", type=common.positive_int, default=8, help="frames per second of video outputs")
     o.add_argument("--upscale", type=common.positive_int, default=1, help="enlarge outputs by this factor (nearest neighbour)")
     o.add_argument("--json", default=None, metavar="FILE", help="also write a JSON summary")
     common.add_run_flags(r)
@@ -158,6 +160,8 @@ def generate(args) -> dict:
 
     if args.dense and args.compare:
         raise CLIError("--dense and --compare cannot be combined (--compare already runs the dense baseline)")
+    if args.lpips and not args.compare:
+        raise CLIError("--lpips compares rettn's output with the dense one: add --compare")
     used = common.flags_used(args, FIELDS)
     if args.dense and (used or args.preset):
         raise CLIError(f"--dense runs without rettn; drop the sparsity options ({', '.join(used or ['--preset'])})")
@@ -173,6 +177,8 @@ def generate(args) -> dict:
     items = _read_prompts(args)
     out_dir = _check_outputs(args)
 
+    lpips_model = load_lpips() if args.lpips else None  # asked for: unavailable is an error, before the model loads
+
     pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
     pipe.set_progress_bar_config(disable=args.no_progress or not state.is_local_main_process, leave=False)
     is_video = _is_video(pipe)
@@ -180,15 +186,6 @@ def generate(args) -> dict:
     if config is not None and args.backend is None:  # the preset's backend, before any step runs
         common.check_backend(config.backend, device, source=f"preset '{preset}' sets backend triton, which")
     targets = _targets(args, items, is_video, out_dir)
-
-    lpips_model, lpips_note = None, None
-    if args.compare:
-        from rettn.tools.metrics import LPIPS
-
-        try:
-            lpips_model = LPIPS.load()
-        except RuntimeError as e:
-            lpips_note = str(e)
 
     from tqdm.auto import tqdm
 
@@ -203,7 +200,7 @@ def generate(args) -> dict:
                 continue
             seed = args.seed + (index if out_dir is not None else 0)
             results.append(_generate_one(args, pipe, prompt, seed, target, device, is_video, config,
-                                         lpips_model, lpips_note, apply_rettention))
+                                         lpips_model, apply_rettention))
     summary = _summarise(state, results, skipped, time.perf_counter() - t0, preset, config)
     if args.json and state.is_main_process:
         common.write_json(args.json, summary)
@@ -217,7 +214,17 @@ def _apply(apply, pipe, config):
         raise CLIError(str(e)) from None
 
 
-def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lpips_model, lpips_note, apply):
+def load_lpips():
+    """The LPIPS model for ``--lpips``; a one-line CLIError when its package or weights do not load."""
+    from rettn.tools.metrics import LPIPS
+
+    try:
+        return LPIPS.load()
+    except RuntimeError as e:
+        raise CLIError(str(e)) from None
+
+
+def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lpips_model, apply):
     from rettn.tools.metrics import compare
 
     record = {"prompt": prompt, "seed": seed, "output": str(target)}
@@ -241,12 +248,12 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
         both = target.with_name(f"{target.stem}-compare{target.suffix}")
         _write_media(both, media.side_by_side(dense, data), is_video, args)
         record["compare_output"] = str(both)
-        lp = f"LPIPS {q['lpips']:.4f}" if q["lpips"] is not None else lpips_note
+        lp = f", LPIPS {q['lpips']:.4f}" if q["lpips"] is not None else ""
         from rettn.tools.profile.baseline import default_description
 
         speed = record["dense_seconds"] / record["seconds"]
         vs = default_description(getattr(pipe, "transformer", None) or getattr(pipe, "unet", None))
-        print(f"{target.name}: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f}, {lp}; dense {record['dense_seconds']:.2f} s, "
+        print(f"{target.name}: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f}{lp}; dense {record['dense_seconds']:.2f} s, "
               f"rettn {record['seconds']:.2f} s, speedup {speed:.2f}x vs {vs}; side by side (dense | rettn): {both}")
         record["speedup"], record["speedup_vs"] = speed, vs
     return record

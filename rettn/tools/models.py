@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -63,11 +65,79 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: torch.dtype = t
             )
         cls_name, source = "", model
     try:
-        pipe = _pipeline_class(cls_name).from_pretrained(source, **dtype_kwargs(dtype))
+        with _quiet_hub_fallback():
+            pipe = _pipeline_class(cls_name).from_pretrained(source, **dtype_kwargs(dtype))
     except Exception as e:  # noqa: BLE001 - many libraries, one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model '{model}': {reason}") from None
+        raise ModelLoadError(_load_failure(model, e, hub=source == model)) from None
     return pipe.to(device)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling."""
+    seen, todo = [], [error]
+    while todo:
+        e = todo.pop()
+        if e is not None and all(e is not s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _network_errors() -> tuple[type, ...]:
+    """What the Hub client raises when it cannot reach the Hub (offline mode, no connection, a file
+    neither in the cache nor reachable)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds: list[type] = [OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.utils import httpx  # the client's HTTP library (httpx, or its fork)
+
+        kinds.append(httpx.TransportError)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import requests
+
+        kinds += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _load_failure(model: str, error: Exception, hub: bool) -> str:
+    """One line for a model that did not load: for a Hub id that is not cached and cannot be
+    fetched, what to do about it; else the first line of the library's message."""
+    chain = _chain(error)
+    if hub:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if any(isinstance(e, RepositoryNotFoundError) for e in chain):  # the Hub answered: no such (readable) model
+            return (f"the Hugging Face Hub has no model '{model}' that this machine may read: check the id, "
+                    "or log in (hf auth login) for a private or gated model")
+        if any(isinstance(e, _network_errors()) for e in chain):
+            why = "the Hub cannot be reached" + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
+            return (f"model '{model}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
+                    f"download it where there is a network (hf download {model}, or huggingface-cli download "
+                    f"{model}) into that cache, or pass --model a local pipeline folder (save_pretrained)")
+    text = str(error).strip()
+    return f"could not load model '{model}': {text.splitlines()[0] if text else type(error).__name__}"
+
+
+def _drop_hub_fallback(record) -> bool:
+    """A logging filter: drops diffusers' "Couldn't connect to the Hub ... Will try to load from
+    local cache" warning (when the cache does not hold the model either, the one-line error says so)."""
+    return not str(record.getMessage()).startswith("Couldn't connect to the Hub")
+
+
+@contextlib.contextmanager
+def _quiet_hub_fallback():
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(_drop_hub_fallback)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_hub_fallback)
 
 
 def default_preset(pipe) -> str | None:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -77,10 +78,10 @@ def check_options(prompts, seeds, floor_psnr, max_attn_error, keeps, intervals, 
         raise InputError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise InputError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
-    if not isinstance(floor_psnr, (int, float)) or isinstance(floor_psnr, bool) or not np.isfinite(floor_psnr):
-        raise ConfigError(f"floor_psnr must be a finite number of dB, got {floor_psnr!r}")
-    if max_attn_error is not None and not (isinstance(max_attn_error, (int, float)) and max_attn_error > 0):
-        raise ConfigError(f"max_attn_error must be a number > 0 or None, got {max_attn_error!r}")
+    if not isinstance(floor_psnr, (int, float)) or isinstance(floor_psnr, bool) or not 0 <= floor_psnr < math.inf:
+        raise ConfigError(f"floor_psnr must be a finite number of dB >= 0, got {floor_psnr!r}")
+    if max_attn_error is not None and not (isinstance(max_attn_error, (int, float)) and 0 < max_attn_error < math.inf):
+        raise ConfigError(f"max_attn_error must be a finite number > 0 or None, got {max_attn_error!r}")
     if not keeps or not all(isinstance(k, (int, float)) and 0 < k <= 1 for k in keeps):
         raise ConfigError(f"keeps must be fractions in (0, 1], got {keeps!r}")
     if not intervals or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in intervals):

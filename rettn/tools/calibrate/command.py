@@ -15,6 +15,9 @@ from rettn.tools import args as common
 from rettn.tools.args import CLIError
 
 FIELDS = ("pattern", "block_size", "ramp", "min_seq_len", "backend")  # the base config's, not searched
+DESCRIPTION = ("Find the cheapest sparse schedule (keep ratio, warm-up, refresh interval, dense tail, how R is "
+               "kept) whose outputs keep a PSNR floor against dense on your prompts, and write it as a preset "
+               "YAML, with a JSON report and a PNG chart beside it. Use it with rettn generate --preset FILE.")
 
 
 def register(subparsers):
@@ -22,29 +25,36 @@ def register(subparsers):
     from rettn.tools import calibrate as cal
 
     p = subparsers.add_parser("calibrate", help="find the cheapest schedule that holds a quality floor; write it as a preset",
-                              description=__doc__.split("\n\n")[0])
+                              description=DESCRIPTION)
     p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded model)")
     p.add_argument("--preset", default=None, help="base preset: block size, pattern, ramp; also the 'hand' row of the report")
     p.add_argument("--prompts", default=None, metavar="FILE", help="calibration prompts, one per line (default: 2 captions of the embedded model)")
-    p.add_argument("--seeds", type=common.nonneg_int, nargs="+", default=[0])
-    p.add_argument("--floor-psnr", type=float, default=30.0, help="every calibration sample keeps this PSNR (dB) against dense")
-    p.add_argument("--max-attn-error", type=float, default=None, help="also bound each step's predicted attention error (relative L2)")
+    p.add_argument("--seeds", type=common.seed, nargs="+", default=[0], help="seeds; each prompt runs with each")
+    p.add_argument("--floor-psnr", type=common.nonneg_float, default=30.0,
+                   help="every calibration sample keeps this PSNR (dB, >= 0) against dense")
+    p.add_argument("--max-attn-error", type=common.positive_float, default=None,
+                   help="also bound each step's predicted attention error (relative L2, > 0; default: no bound)")
     p.add_argument("--out", default="calibrated.yaml", help="the preset file; its .json report and .png chart go beside it")
     s = p.add_argument_group("search space")
     s.add_argument("--steps", type=common.positive_int, default=None, help="denoising steps (default: the pipeline's)")
-    s.add_argument("--keeps", type=float, nargs="+", default=list(cal.DEFAULT_KEEPS))
+    s.add_argument("--keeps", type=common.fraction, nargs="+", default=list(cal.DEFAULT_KEEPS),
+                   help="keep ratios to try (fractions of key blocks per query block, in (0, 1])")
     s.add_argument("--intervals", type=common.positive_int, nargs="+", default=list(cal.DEFAULT_INTERVALS), help="refresh intervals (steps)")
-    s.add_argument("--warmups", type=float, nargs="+", default=list(cal.DEFAULT_WARMUPS), help="dense warm-ups, fractions of the steps")
-    s.add_argument("--finals", type=float, nargs="+", default=list(cal.DEFAULT_FINALS), help="dense tails, fractions of the steps")
-    s.add_argument("--reselects", nargs="+", choices=["cache", "step"], default=["cache", "step"])
+    s.add_argument("--warmups", type=common.step_fraction, nargs="+", default=list(cal.DEFAULT_WARMUPS),
+                   help="dense warm-ups, fractions of the steps in [0, 1)")
+    s.add_argument("--finals", type=common.step_fraction, nargs="+", default=list(cal.DEFAULT_FINALS),
+                   help="dense tails, fractions of the steps in [0, 1)")
+    s.add_argument("--reselects", nargs="+", choices=["cache", "step"], default=["cache", "step"],
+                   help="when top-k blocks are chosen: at each cache step, or at every sparse step")
     s.add_argument("--residuals", nargs="+", choices=list(cal.RESIDUALS), default=list(cal.RESIDUALS),
                    help="how R is kept: native (the attention's dtype), float8_e4m3fn, none (rho only)")
     s.add_argument("--max-dense-layers", type=common.nonneg_int, default=2, help="layers the plan may keep dense")
-    s.add_argument("--max-cache-bytes", default=None, help="budget for cached rho + R, e.g. 8GB")
+    s.add_argument("--max-cache-bytes", default=None, help="budget for cached rho + R, e.g. 8GB (default: no budget)")
     c = p.add_argument_group("cost and time")
     c.add_argument("--target", default=None, help="rank by FLOPs of this architecture (configs/archs), e.g. cogvideox-2b; default: time measured here")
     c.add_argument("--max-confirm", type=common.positive_int, default=8, help="full-generation confirmations at most")
-    c.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop confirming after this long")
+    c.add_argument("--time-budget", type=common.positive_float, default=None, metavar="SECONDS",
+                   help="stop confirming after this long (default: no limit)")
     common.add_run_flags(c)
     common.add_config_flags(p, FIELDS, title="base config (not searched; override the preset)")
     p.set_defaults(handler=run_calibrate)  # cli.main reports rettn's errors in one line
@@ -70,8 +80,6 @@ def run_calibrate(args) -> int:
     parse_bytes(args.max_cache_bytes)
     if args.target is not None and args.target not in arch_names():
         raise CLIError(f"unknown --target {args.target!r}; known architectures: {arch_names()}")
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise CLIError("--time-budget must be a number of seconds > 0")
     prompts = DEFAULT_PROMPTS[:2]
     if args.prompts:
         prompts = tuple(p for _, p in common.read_prompt_file(args.prompts))

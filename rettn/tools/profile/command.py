@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--random-weights", action="store_true",
                      help="build the real transformer of --arch with random weights (no download)")
     src.add_argument("--arch", default=None, help="with --random-weights: cogvideox-2b, cogvideox-5b, wan2.1-1.3b, "
-                     "wan2.1-14b, hunyuanvideo, pixart-sigma, flux (configs/arch-*.yaml)")
+                     "wan2.1-14b, hunyuanvideo, pixart-sigma, flux (configs/archs/*.yaml)")
     src.add_argument("--layers", type=common.positive_int, help="with --random-weights: at most N blocks of each kind")
     src.add_argument("--frames", type=common.positive_int, help="pixel frames (default: the model's)")
     src.add_argument("--height", type=common.positive_int, help="pixels (default: the model's)")
@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "attention shape, pinned for both runs), default (PyTorch's own order, diffusers' default), or one named")
     r.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=common.seed, default=0, help="seed of the inputs and the random weights")
     k = p.add_argument_group("kernel level")
     k.add_argument("--no-kernels", action="store_true", help="skip the kernel-level table")
     k.add_argument("--kernel-providers", default="sdpa,dense_lse,rettn,rettn_rescaled,flex",
@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="FILE", help="JSON report (default: profile_results/profile-<model>.json)")
     o.add_argument("--chart", default=None, metavar="FILE", help="PNG chart (default: next to the JSON)")
-    o.add_argument("--no-chart", action="store_true")
+    o.add_argument("--no-chart", action="store_true", help="write no PNG chart")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
