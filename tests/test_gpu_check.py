@@ -176,6 +176,7 @@ def test_rehearsal_runs_every_step(tmp_path):
     assert long["hunyuanvideo"]["offload"]["run_cost"] > 0 and long["wan2.1-14b"]["offload"] is None
     assert {t["where"] for t in summary["targets"]} >= {"profile cogvideox-2b", "compile", "long hunyuanvideo",
                                                          "long wan2.1-14b"}
+    assert all(t["value"] is not None and t["met"] is not None for t in summary["targets"]), summary["targets"]
     c = summary["compile"]
     assert set(c["median_s"]) == {"dense eager", "dense compiled", "rettn eager", "rettn compiled"}
     assert c["schedule"]["sparse"] >= 1  # the compile benchmark times sparse steps
