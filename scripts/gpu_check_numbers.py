@@ -38,6 +38,15 @@ def step_numbers(dense_step_s, rettn_dense_s, dense_attention_s, cache_s, sparse
     return out
 
 
+def baseline_name(record, fallback=None) -> str | None:
+    """The dense baseline as a report names it: ``rettn profile``'s ``dense_baseline`` record
+    (``describe``: "dense SDPA (cudnn)", or its note when none was pinned), else ``fallback``."""
+    if isinstance(record, dict):
+        return record.get("describe") or (f"PyTorch's own SDPA order ({record['note']})" if record.get("note")
+                                          else record.get("backend"))
+    return record or fallback
+
+
 PROFILE_KEYS = ("dense_step_ms", "rettn_dense_step_ms", "cache_step_ms", "sparse_step_ms", "sparse_attention_ms",
                 "dense_attention_ms", "reference_dense_step_ms", "dense_attention_share", "sparse_step_speedup",
                 "cache_step_cost", "sparse_step_ceiling_ms", "sparse_step_vs_ceiling", "run_dense_s", "run_rettn_s",
@@ -72,8 +81,7 @@ def profile_numbers(report) -> dict:
                dense_attention_ms=ms(sec(kind.get("dense"), "attention_s")),
                run_dense_s=run.get("dense_s"), run_rettn_s=run.get("rettn_s"), run_speedup=run.get("speedup"),
                ceiling_speedup=run.get("ceiling_speedup"), mean_density=s.get("mean_density"),
-               dense_backend=next((x for x in (s.get("dense_backend"), report.get("dense_backend"),
-                                               report.get("dense_baseline"), base.get("backend")) if x), None),
+               dense_backend=baseline_name(report.get("dense_baseline"), s.get("baseline")),
                steps=report.get("steps"), schedule=(report.get("schedule") or {}).get("counts"),
                shape={x: target.get(x) for x in ("seq_len", "batch", "layers", "dtype")},
                kernel_rows=[{"keep": r.get("keep"), "density": r.get("density"), "ms": r.get("ms")}
@@ -84,7 +92,7 @@ def profile_numbers(report) -> dict:
     return out
 
 
-LONG_CASE = ("status", "error", "seq_len", "layers", "steps", "schedule", "dense_step_ms", "rettn_dense_step_ms",
+LONG_CASE = ("status", "error", "seq_len", "layers", "steps", "schedule", "dense_backend", "dense_step_ms", "rettn_dense_step_ms",
              "cache_step_ms", "sparse_step_ms", "dense_attention_ms", "reference_dense_step_ms",
              "dense_attention_share", "cache_step_cost", "sparse_step_speedup", "sparse_step_ceiling_ms",
              "sparse_step_vs_ceiling", "run_dense_s", "dense_run_extrapolated_from_steps", "run_rettn_s",
@@ -109,6 +117,7 @@ def long_numbers(report) -> dict:
             return None if x is None else 1e3 * x
 
         c.update(status=case.get("status"), error=case.get("error"), seq_len=target.get("seq_len"),
+                 dense_backend=baseline_name(case.get("dense_baseline")),
                  layers=target.get("layers"), steps=summ.get("steps"),
                  schedule=(case.get("schedule") or {}).get("counts"), dense_step_ms=ms(summ.get("dense_step_s")),
                  rettn_dense_step_ms=ms(sec("dense")), cache_step_ms=ms(sec("cache")),

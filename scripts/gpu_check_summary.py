@@ -265,7 +265,8 @@ def text(summary: dict) -> str:
                      + ", ".join(f"{k} {v:.2f}x" for k, v in c["ratios"].items()))
     for arch, lc in summary["long"].items():
         lines.append(f"long {arch} {_f(lc['seq_len'], 'd')} tokens, {lc['layers']} blocks, {lc['steps']} steps "
-                     f"{lc['schedule']}: {lc['status']}" + (f" ({lc['error']})" if lc["error"] else ""))
+                     f"{lc['schedule']}: {lc['status']}" + (f" ({lc['error']})" if lc["error"] else "")
+                     + f"; dense baseline {lc['dense_backend'] or 'not named'}")
         if lc["dense_step_ms"] is not None:
             lines.append(f"  dense step {_f(lc['dense_step_ms'], '.0f')} ms (rettn dense {_f(lc['rettn_dense_step_ms'], '.0f')}, "
                          f"attention {_f(lc['dense_attention_share'], '.0%')}), cache {_f(lc['cache_step_ms'], '.0f')} "

@@ -3,25 +3,29 @@
 14B 720p (81 frames, 75,600 tokens), a few blocks of each with random weights, in one process
 (the GPU check's ``long`` step):
 
-    python scripts/profile_long.py --json profile-long.json                 # a GPU (~100 s)
+    python scripts/profile_long.py --dense-steps 4 --json profile-long.json # a GPU (~2 minutes)
     python scripts/profile_long.py --cases hunyuanvideo+offload --layers 1 --heads 2 --frames 1 \\
         --height 256 --width 256 --text-len 16 --steps 4 --warmup 1 --refresh-interval 3 \\
         --min-seq-len 0 --device cpu --json /tmp/long.json                  # a CPU smoke run
 
-Each case (``--cases``, comma-separated ``ARCH`` or ``ARCH+offload``) builds the transformer
-once, warms up (a 1-step dense run and a 3-step rettn run: dense, cache, sparse; kernel
-compiles and the backend chooser's measurements happen there, excluded), then times a dense run
-(``--dense-steps`` of the ``--steps``: the dense steps are all the same work, so a shorter dense
-run, scaled to ``--steps``, gives the same whole-run time in less time), a rettn run with the
-preset and the schedule flags, and with ``+offload`` the same rettn run with R in host memory
-(``residual_device="cpu"``; its own 3-step warm-up first) to measure what the offload costs.
+Each case (``--cases``, comma-separated ``ARCH`` or ``ARCH+offload``) builds the transformer,
+warms up (excluded: a 3-step rettn run -- dense, cache, sparse: kernel compiles and the backend
+chooser's measurements happen there, and it reads the attention shape -- then the dense
+baseline's SDPA backend is chosen at that shape as ``rettn profile`` chooses it, and a 1-step
+dense run), then times a dense run (``--dense-steps`` of the ``--steps``: the dense steps are all
+the same work, so a shorter dense run, scaled to ``--steps``, gives the same whole-run time in
+less time) and a rettn run with the preset and the schedule flags, both on the baseline's backend.
+After every case's dense and rettn runs, each ``+offload`` case is built again and its rettn run
+repeated with R in host memory (``residual_device="cpu"``; its own 3-step warm-up first) to
+measure what the offload costs.
 
 The JSON is rewritten after every timed run (atomically), so a run cut short (the GPU check's
 step cap) leaves what it measured. Per case it holds the runs (``RunRecord.to_json``: each step's
 kind, seconds and engine regions) and a summary: per step kind means (attention / selection /
 bookkeeping / other), the whole run, its ceiling (sparse attention free), the cache step's cost
 and the sparse step against its own ceiling (the dense step with its attention cut to the
-counted density). Reads only ``rettn.tools.profile``'s builders and ``timed_run``.
+counted density). Uses ``rettn.tools.profile``'s builders, ``timed_run`` and, where present, its
+dense baseline chooser (``rettn.tools.profile.baseline``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ KINDS = ("dense", "cache", "sparse")
 REGIONS = ("attention", "selection", "bookkeeping")
 CONFIG_FIELDS = ("keep", "warmup", "refresh_interval", "dense_final", "min_seq_len", "backend")
 DEFAULT_CASES = "hunyuanvideo+offload,wan2.1-14b"
+_CHOSEN: dict = {}  # arch -> (dense baseline or None, note): the offload run pins the case's baseline
 
 
 def _mean(xs):
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default=None, help="rettn preset (default: each model's)")
     common.add_config_flags(ap, CONFIG_FIELDS, title="rettn (override the preset; default schedule: "
                             "--warmup 2 --refresh-interval 4 --dense-final 0)")
+    ap.add_argument("--dense-backend", choices=("auto", "default", "cudnn", "flash", "efficient", "math"),
+                    default="auto", help="the dense baseline's SDPA backend, as rettn profile's flag (default auto: "
+                    "the fastest measured at the attention shape, pinned for every timed run)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=sorted(common.DTYPES), default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -192,35 +200,71 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
+def dense_baseline(capture, device, choice: str):
+    """The dense baseline's SDPA backend, chosen at the captured attention shape as ``rettn
+    profile`` chooses it (``rettn.tools.profile.baseline``: timed under each backend, the fastest
+    pinned for the dense and the rettn runs): ``(baseline or None, note)``. None (PyTorch's own
+    order) where that module or ``timed_run(dense=...)`` is missing, or the choice fails."""
+    import inspect
+
+    from rettn.tools.profile.runners import timed_run
+
+    if choice == "default":
+        return None, "--dense-backend default: PyTorch's own SDPA order"
+    try:
+        from rettn.tools.profile import baseline
+    except ImportError:
+        return None, "this rettn has no rettn.tools.profile.baseline: PyTorch's own SDPA order"
+    if "dense" not in inspect.signature(timed_run).parameters or capture.shape is None:
+        return None, "timed_run takes no dense context, or no attention call was seen: PyTorch's own SDPA order"
+    try:
+        chosen = baseline.choose(choice, capture.shape, capture.dtype, device, scale=capture.scale,
+                                 transposed=getattr(capture, "transposed", False), windows=1)
+    except Exception as e:  # noqa: BLE001 - recorded; the runs go on with PyTorch's order
+        return None, f"choosing the dense baseline failed ({type(e).__name__}: {e}): PyTorch's own SDPA order"
+    return chosen, None
+
+
 def run_case(arch: str, args, device, dtype, report: dict, save, offload_only: bool = False) -> None:
     """Warm up and time one architecture: dense and rettn runs, or (``offload_only``) the rettn
     run with R in host memory. ``report['cases'][arch]`` is filled (and saved) as it goes."""
-    from rettn.tools.profile.runners import timed_run
+    from rettn.tools.profile.runners import Capture, timed_run
 
     case = report["cases"][arch]
     runner, target, preset, steps, config, notes = _setup(arch, args, device, dtype)
     warm = config.replace(warmup=1, refresh_interval=2, dense_final=0)
-    if offload_only:
-        plan = [("rettn_offload", config.replace(residual_device="cpu"), steps)]
-        warmups = [(3, warm.replace(residual_device="cpu"))]
-    else:
+    if not offload_only:
         kinds = config.schedule(steps).kinds(steps)
         case.update(target=target, preset=preset, config=dict(vars(config)), notes=notes, runs={},
                     schedule={"kinds": kinds, "counts": {k: kinds.count(k) for k in KINDS}})
-        plan = [("dense", None, args.dense_steps or steps), ("rettn", config, steps)]
-        warmups = [(1, None), (3, warm)]
     key = "offload_warmup_s" if offload_only else "warmup_s"
     case["status"] = "warming up" + (" (offload)" if offload_only else "")
     save()
+    # warm-up, excluded: kernel compiles, the backend chooser's measurements, allocations; the
+    # 3-step rettn run (dense, cache, sparse) also reads the attention shape for the baseline
     t0 = time.perf_counter()
-    for n, cfg in warmups:  # kernel compiles, the backend chooser's measurements, allocations
-        timed_run(runner, n, device, cfg, seed=args.seed)
+    capture = Capture()
+    timed_run(runner, 3, device, warm.replace(residual_device="cpu") if offload_only else warm, capture=capture,
+              seed=args.seed)
+    if offload_only:  # the same baseline as the case's dense and rettn runs
+        chosen, note = _CHOSEN.get(arch, (None, "PyTorch's own SDPA order"))
+    else:
+        chosen, note = _CHOSEN[arch] = dense_baseline(capture, device, args.dense_backend)
+    pin = {"dense": chosen.context} if chosen is not None else {}
+    if not offload_only:
+        case["dense_baseline"] = chosen.to_json() if chosen is not None else {"backend": None, "note": note}
+        timed_run(runner, 1, device, seed=args.seed, **pin)
     case[key] = time.perf_counter() - t0
-    print(f"{arch}: {target['description']}; warm-up {case[key]:.1f} s", flush=True)
+    print(f"{arch}: {target['description']}; warm-up {case[key]:.1f} s; dense baseline "
+          f"{chosen.describe() if chosen is not None else note}", flush=True)
+    if offload_only:
+        plan = [("rettn_offload", config.replace(residual_device="cpu"), steps)]
+    else:
+        plan = [("dense", None, args.dense_steps or steps), ("rettn", config, steps)]
     for label, cfg, n in plan:
         case["status"] = f"timing {label}"
         save()
-        record = timed_run(runner, n, device, cfg, seed=args.seed)
+        record = timed_run(runner, n, device, cfg, seed=args.seed, **pin)
         case["runs"][label] = record.to_json()
         case["summary"] = case_summary(case["runs"], steps)
         save()

@@ -62,13 +62,14 @@ def test_summary_of_a_gpu_run_that_produced_nothing_has_the_same_keys(tmp_path):
 H200 = Path("/work/shared/measurements/2026-12-04-h200")  # the first GPU run's files, where present
 
 
-def _profile_json(dense, rettn_dense, attention, cache, sparse, density, label="dense (no rettn)", **extra):
+def _profile_json(dense, rettn_dense, attention, cache, sparse, density, label="dense (no rettn)", baseline=None):
     rows = [{"label": label, "mean_s": dense},
             {"label": "rettn dense", "mean_s": rettn_dense, "attention_s": attention},
             {"label": "rettn cache", "mean_s": cache}, {"label": "rettn sparse", "mean_s": sparse, "attention_s": 0.04}]
     return {"summary": {"rows": rows, "run": {"dense_s": 31.3, "rettn_s": 23.4, "speedup": 31.3 / 23.4},
-                        "mean_density": density, **extra},
+                        "mean_density": density},
             "target": {"seq_len": 17776, "batch": 2}, "steps": 50, "schedule": {"counts": {"dense": 15}},
+            **({"dense_baseline": baseline} if baseline else {}),
             "kernels": {"skipped": "not measured yet (the run stopped before the kernel table)"}}
 
 
@@ -76,13 +77,14 @@ def test_profile_numbers_against_the_faster_dense_step():
     """The cache step and the sparse step's ceiling are measured against the faster of the dense
     baseline's step and rettn's own dense step; the ceiling cuts the dense step's attention to
     the counted density. A profile cut before its kernel table (no rows) still counts."""
-    p = gpu_check_summary.profile_numbers(_profile_json(0.700, 0.600, 0.350, 0.630, 0.300, 0.0625, dense_backend="cudnn"))
+    p = gpu_check_summary.profile_numbers(_profile_json(0.700, 0.600, 0.350, 0.630, 0.300, 0.0625,
+                                                        baseline={"backend": "cudnn", "describe": "dense SDPA (cudnn)"}))
     assert p["reference_dense_step_ms"] == pytest.approx(600.0)
     assert p["cache_step_cost"] == pytest.approx(1.05)
     ceiling = 0.600 - 0.350 * (1 - 0.0625)
     assert p["sparse_step_ceiling_ms"] == pytest.approx(1e3 * ceiling)
     assert p["sparse_step_vs_ceiling"] == pytest.approx(ceiling / 0.300)
-    assert p["dense_backend"] == "cudnn" and p["kernel_rows"] == [] and p["kernels_note"].startswith("not measured")
+    assert p["dense_backend"] == "dense SDPA (cudnn)" and p["kernel_rows"] == [] and p["kernels_note"].startswith("not measured")
     # a relabelled baseline row (a newer profiler naming its backend) is still the baseline
     q = gpu_check_summary.profile_numbers(_profile_json(0.500, 0.600, 0.350, 0.630, 0.300, 0.0625, label="dense (cudnn)"))
     assert q["dense_step_ms"] == pytest.approx(500.0) and q["cache_step_cost"] == pytest.approx(0.630 / 0.500)
