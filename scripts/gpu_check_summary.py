@@ -97,7 +97,7 @@ def _bench(report) -> dict:
                      # the known columns (null when absent), then any column a newer benchmark adds
                      "ms": {**{k: ms.get(k) for k in BENCH_MS}, **{k: v for k, v in ms.items() if k not in BENCH_MS}},
                      **{k: r.get(k) for k in BENCH_RATIOS},
-                     "extra": {k: v for k, v in r.items() if k not in known and isinstance(v, (int, float))},
+                     "extra": {k: v for k, v in r.items() if k not in known and isinstance(v, (int, float, str))},
                      "rettn_vs_flex_max_abs": (r.get("checks") or {}).get("rettn_vs_flex_max_abs"),
                      "errors": r.get("errors") or {}})
     shape = {k: a.get(k) for k in ("batch", "heads", "head_dim", "dtype", "block", "text_len")}

@@ -158,7 +158,7 @@ def test_rehearsal_runs_every_step(tmp_path):
     rows = summary["bench"]["rows"]
     assert [r["keep"] for r in rows] == [0.03125, 0.0625]
     for r in rows:
-        assert set(r) == BENCH_ROW and set(r["ms"]) == BENCH_MS
+        assert set(r) == BENCH_ROW and set(r["ms"]) >= BENCH_MS  # a newer benchmark may add columns
         assert 0 < r["density"] <= 1 and r["backend"] == "triton"
         assert all(r["ms"][k] > 0 for k in BENCH_MS - {"sdpa_cudnn"})
         assert r["rettn_vs_flex_max_abs"] < 2e-2  # the two sparse kernels agree on the real layout
