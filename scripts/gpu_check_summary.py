@@ -273,7 +273,8 @@ def text(summary: dict) -> str:
                          f"= {_f(lc['cache_step_cost'])}x, sparse {_f(lc['sparse_step_ms'], '.0f')} = "
                          f"{_f(lc['sparse_step_speedup'])}x ({_f(lc['sparse_step_vs_ceiling'])} of its ceiling "
                          f"{_f(lc['sparse_step_ceiling_ms'], '.0f')} ms); run {_f(lc['run_dense_s'])} s -> "
-                         f"{_f(lc['run_rettn_s'])} s = {_f(lc['run_speedup'])}x (ceiling {_f(lc['ceiling_speedup'])}x), "
+                         f"{_f(lc['run_rettn_s'])} s = {_f(lc['run_speedup'])}x at the faster dense step "
+                         f"({_f(lc['run_speedup_vs_baseline_run'])}x vs the baseline's run; ceiling {_f(lc['ceiling_speedup'])}x), "
                          f"density {_f(lc['mean_density'], '.4f')}")
         o = lc["offload"]
         if o:

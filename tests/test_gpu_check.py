@@ -117,6 +117,11 @@ def test_long_step_partial_json(tmp_path):
 
     summ = profile_long.case_summary(runs, 4)
     assert summ["dense_run_s"] == pytest.approx(8.0) and summ["dense_run_extrapolated_from_steps"] == 2
+    # rettn's own dense step faster than the baseline's: every ratio is against it, the run too
+    faster = dict(runs, rettn=dict(runs["rettn"], steps=[dict(steps[0], seconds=1.8)] + steps[1:]))
+    f = profile_long.case_summary(faster, 4)
+    assert f["reference_dense"] == "rettn dense step" and f["cache_step_cost"] == pytest.approx(2.05 / 1.8)
+    assert f["run_speedup"] == pytest.approx(8.0 * 0.9 / 4.95) and f["run_speedup_vs_baseline_run"] == pytest.approx(8.0 / 4.95)
     report = {"cases": {"hunyuanvideo": {"status": "timing rettn_offload", "offload": True, "summary": summ,
                                          "target": {"seq_len": 119056, "layers": "2+2+2"},
                                          "schedule": {"counts": {"dense": 1, "cache": 1, "sparse": 2}}},
