@@ -29,8 +29,8 @@
 # tool returns at most 8).
 #
 # Budget: GPU_CHECK_BUDGET seconds (default 400, under 7 minutes); each step has a cap (install
-# 20, bench 60, tests 60, profile 90, compile 75: 305 s) and is also cut to what is left; the
-# last step, long, gets all that is left (about 95 s when the others use their whole caps; on the
+# 20, bench 70, tests 60, profile 90, compile 70: 310 s) and is also cut to what is left; the
+# last step, long, gets all that is left (about 85 s when the others use their whole caps; on the
 # first H200 run install, bench and tests left ~60 s of theirs unused). Each step records which
 # Triton kernel specialisations it launched (scripts/launch_log.py); the rehearsal maps them to
 # the GPU's tile choice and prints the list.
@@ -150,7 +150,7 @@ if (( REHEARSE )); then
 else
   BENCH=(--preset cogvideox)
 fi
-step bench 60 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
+step bench 70 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
 
 # ---- 2. the GPU test tier (no -x). Where the image has them: a per-test timeout (pytest-timeout),
 #      and 4 workers (pytest-xdist) so that the ~15 Triton compiles run side by side
@@ -178,7 +178,7 @@ if (( REHEARSE )); then
 else
   COMPILE=(--layers 8 --steps 10)
 fi
-step compile 75 "$LOG" "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
+step compile 70 "$LOG" "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
 
 # ---- 5. long sequences: HunyuanVideo and Wan 2.1 14B at 720p, 2 blocks each, 10 steps (the dense
 #      run times 4 of them: every dense step is the same work), then HunyuanVideo with R offloaded.
