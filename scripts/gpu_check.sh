@@ -13,19 +13,27 @@
 #   bench    kernels at the CogVideoX-2B shape (B=2 H=30 S=17,776 D=64 bf16, 226 text tokens
 #            first, dense text rows and columns) at keep 3.125% and 6.25%: SDPA (flash, cuDNN),
 #            FlexAttention (BlockMask built outside the timing), rettn sparse / +lse / rescaled,
-#            dense attention with lse               -> bench_attention.json
+#            dense attention with lse, selection    -> bench_attention.json
 #   tests    the GPU test tier, tests/test_gpu.py (no -x: every test runs)  -> tests.txt
-#   profile  CogVideoX-2B, random weights, full shape, 50 steps, dense vs the preset
+#   profile  CogVideoX-2B, random weights, full shape, 50 steps, dense vs the preset; a short
+#            kernel table (sdpa and rettn, 5 repeats; the JSON is written before it)
 #                                                   -> profile-cogvideox-2b.json
 #   compile  torch.compile (Inductor, regional) on 8 CogVideoX-2B blocks, 10 steps (3 dense,
 #            2 cache, 5 sparse), eager vs compiled  -> bench_compile.json
-# Everything else a step prints goes to log.txt. 7 files in all come back from $OUT.
+#   long     long sequences, 2 blocks of each kind, random weights, 10 steps (2 dense, 2 cache,
+#            6 sparse): HunyuanVideo 720p x 129 frames (119,056 tokens) and Wan 2.1 14B 720p x 81
+#            frames (75,600 tokens), dense vs rettn, then HunyuanVideo again with R in host memory
+#            (residual_device="cpu"): what the offload costs (scripts/profile_long.py; the JSON is
+#            rewritten after every timed run)       -> profile-long.json
+# Everything else a step prints goes to log.txt. 8 files in all come back from $OUT (the device
+# tool returns at most 8).
 #
 # Budget: GPU_CHECK_BUDGET seconds (default 400, under 7 minutes); each step has a cap (install
-# 20, bench 100, tests 90, profile 100, compile 80: 390 s) and is also cut to what is left; the
-# last step, compile, may use all that is left. Each step records which Triton
-# kernel specialisations it launched (scripts/launch_log.py); the rehearsal maps them to the
-# GPU's tile choice and prints the list.
+# 20, bench 70, tests 60, profile 90, compile 70: 310 s) and is also cut to what is left; the
+# last step, long, gets all that is left (about 85 s when the others use their whole caps; on the
+# first H200 run install, bench and tests left ~60 s of theirs unused). Each step records which
+# Triton kernel specialisations it launched (scripts/launch_log.py); the rehearsal maps them to
+# the GPU's tile choice and prints the list.
 set -u -o pipefail
 REHEARSE=0
 case "${1:-}" in
@@ -142,37 +150,51 @@ if (( REHEARSE )); then
 else
   BENCH=(--preset cogvideox)
 fi
-step bench 100 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
+step bench 70 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
 
 # ---- 2. the GPU test tier (no -x). Where the image has them: a per-test timeout (pytest-timeout),
 #      and 4 workers (pytest-xdist) so that the ~15 Triton compiles run side by side
 EXTRA=()
-"$PY" -c "import pytest_timeout" 2> /dev/null && EXTRA+=(--timeout 75)
+"$PY" -c "import pytest_timeout" 2> /dev/null && EXTRA+=(--timeout 45)
 "$PY" -c "import xdist" 2> /dev/null && EXTRA+=(-n 4)
-step tests 90 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py \
+step tests 60 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py \
   -p launch_log -p no:cacheprovider -rfE --durations=12 "${EXTRA[@]}"
 
-# ---- 3. CogVideoX-2B latency profile: full shape (17,776 tokens, CFG batch 2, bf16), 50 steps
+# ---- 3. CogVideoX-2B latency profile: full shape (17,776 tokens, CFG batch 2, bf16), 50 steps; a
+#      short kernel table after the JSON (the bench step has the full one)
 if (( REHEARSE )); then
   PROFILE=(--heads 2 --layers 1 --frames 1 --height 256 --width 256 --text-len 16 --steps 4 --warmup 1
            --refresh-interval 3 --min-seq-len 0 --backend triton --dtype bfloat16 --device cpu --kernel-repeats 1)
 else
-  PROFILE=()
+  PROFILE=(--kernel-repeats 5)
 fi
-step profile 100 "$LOG" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
-  --density-sweep none --kernel-providers sdpa,dense_lse,rettn,rettn_rescaled "${PROFILE[@]}" \
-  --json "$OUT/profile-cogvideox-2b.json"
+step profile 90 "$LOG" "$PY" scripts/profile_latency.py --random-weights --arch cogvideox-2b --no-chart \
+  --density-sweep none --kernel-providers sdpa,rettn "${PROFILE[@]}" --json "$OUT/profile-cogvideox-2b.json"
 
-# ---- 4. torch.compile on top of the kernels: 8 CogVideoX-2B blocks at the full shape. The last
-#      step gets what is left of the budget (at least its 80 s when the others kept to their caps)
+# ---- 4. torch.compile on top of the kernels: 8 CogVideoX-2B blocks at the full shape
 if (( REHEARSE )); then
   COMPILE=(--heads 2 --layers 1 --frames 1 --height 256 --width 128 --text-len 16 --steps 4 --min-seq-len 0
            --backend triton --compile-backend aot_eager --device cpu --dtype bfloat16)
 else
   COMPILE=(--layers 8 --steps 10)
 fi
-step compile "$(( BUDGET - ($(date +%s) - START) > 80 ? BUDGET - ($(date +%s) - START) : 80 ))" "$LOG" \
-  "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
+step compile 70 "$LOG" "$PY" scripts/bench_compile.py --arch cogvideox-2b "${COMPILE[@]}" --json "$OUT/bench_compile.json"
+
+# ---- 5. long sequences: HunyuanVideo and Wan 2.1 14B at 720p, 2 blocks each, 10 steps (the dense
+#      run times 4 of them: every dense step is the same work), then HunyuanVideo with R offloaded.
+#      The last step: it gets all that is left of the budget.
+if (( REHEARSE )); then
+  LONG=(--layers 1 --heads 2 --frames 1 --height 128 --width 256 --text-len 16 --steps 4 --warmup 1
+        --refresh-interval 3 --min-seq-len 0 --backend triton --dtype bfloat16 --device cpu)
+else
+  LONG=(--dense-steps 4)
+fi
+# --dense-backend default: no separate SDPA timing at 119k / 75k tokens (~20 s: three 1.5 GB inputs
+# made and timed per model); every ratio is against the faster of that dense step and rettn's own
+# dense step, which runs the backend chooser's measured fastest dense kernel
+step long "$BUDGET" "$LOG" "$PY" scripts/profile_long.py --cases hunyuanvideo+offload,wan2.1-14b --dense-backend default \
+  "${LONG[@]}" --json "$OUT/profile-long.json"
+rm -f "$OUT"/*.tmp  # a write cut by the cap (the JSON itself is replaced atomically)
 
 # ---- the summary: summary.json, and one screen of text (also summary.txt)
 "$PY" scripts/gpu_check_summary.py "$OUT" "$WORK" "$REHEARSE" "$BUDGET" "$START"

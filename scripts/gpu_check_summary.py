@@ -7,8 +7,10 @@ Reads what the steps left: WORK/steps.tsv (name, rc, milliseconds, cap), WORK/la
 (scripts/launch_log.py), WORK/env.json, and the reports in OUT. Imports no torch (it runs after
 every step) except with ``--env``, which records the versions and the device once. The JSON has
 the same keys in a GPU run and in the rehearsal (``--rehearse``); a value that a step did not
-produce is null. The package versions come from the installed metadata; diffusers from
-/tmp/site when the check installed it there (on PYTHONPATH).
+produce is null; keys a newer report adds are passed through or ignored, never required. The
+profile numbers and the issue's targets come from scripts/gpu_check_numbers.py. The package
+versions come from the installed metadata; diffusers from /tmp/site when the check installed it
+there (on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = ("install", "bench", "tests", "profile", "compile")
+from gpu_check_numbers import LONG_CASE, PROFILE_KEYS, long_numbers, profile_numbers, targets  # noqa: F401 (scripts/)
+
+STEPS = ("install", "bench", "tests", "profile", "compile", "long")
 TESTS_FILE = "tests.txt"
-FILES = {"bench": "bench_attention.json", "profile": "profile-cogvideox-2b.json", "compile": "bench_compile.json"}
+FILES = {"bench": "bench_attention.json", "profile": "profile-cogvideox-2b.json", "compile": "bench_compile.json",
+         "long": "profile-long.json"}
 BENCH_MS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "flex_mask", "rettn", "rettn_lse", "rettn_rescaled",
             "dense_lse", "dense_lse_triton", "select")
 BENCH_RATIOS = ("speedup_vs_sdpa", "speedup_vs_sdpa_with_select", "rescaled_speedup_vs_sdpa", "speedup_vs_flex",
@@ -82,17 +87,24 @@ def _bench(report) -> dict:
         return {"rows": [], "targets": None, "shape": None}
     a = report.get("args", {})
     rows = []
+    known = {"seq", "keep", "density", "backend", "kv_blocks_per_row", "best_sdpa", "ms", "checks", "errors",
+             *BENCH_RATIOS}
     for r in report.get("rows", []):
-        rows.append({"seq": r["seq"], "keep": r["keep"], "density": r["density"], "backend": r.get("backend"),
-                     "kv_blocks_per_row": r.get("kv_blocks_per_row"), "best_sdpa": r.get("best_sdpa"),
-                     "ms": {k: r["ms"].get(k) for k in BENCH_MS},
+        ms = r.get("ms") or {}
+        rows.append({"seq": r.get("seq"), "keep": r.get("keep"), "density": r.get("density"),
+                     "backend": r.get("backend"), "kv_blocks_per_row": r.get("kv_blocks_per_row"),
+                     "best_sdpa": r.get("best_sdpa"),
+                     # the known columns (null when absent), then any column a newer benchmark adds
+                     "ms": {**{k: ms.get(k) for k in BENCH_MS}, **{k: v for k, v in ms.items() if k not in BENCH_MS}},
                      **{k: r.get(k) for k in BENCH_RATIOS},
-                     "rettn_vs_flex_max_abs": r.get("checks", {}).get("rettn_vs_flex_max_abs"),
-                     "errors": r.get("errors", {})})
+                     "extra": {k: v for k, v in r.items() if k not in known and isinstance(v, (int, float, str))},
+                     "rettn_vs_flex_max_abs": (r.get("checks") or {}).get("rettn_vs_flex_max_abs"),
+                     "errors": r.get("errors") or {}})
     shape = {k: a.get(k) for k in ("batch", "heads", "head_dim", "dtype", "block", "text_len")}
     targets = report.get("targets")
     if targets:
-        targets = {k: {"value": v[0], "bound": v[1], "met": v[2]} for k, v in targets.items()}
+        targets = {k: (v if isinstance(v, dict) else {"value": v[0], "bound": v[1], "met": v[2]})
+                   for k, v in targets.items()}
     return {"rows": rows, "targets": targets, "shape": shape}
 
 
@@ -110,35 +122,6 @@ def _tests(text: str | None) -> dict:
                 out[key] = int(m.group(1)) if m else 0
             break
     out["failures"] = [line for line in lines if line.startswith(("FAILED ", "ERROR "))][:20]
-    return out
-
-
-def _profile(report) -> dict:
-    keys = ("dense_step_ms", "rettn_dense_step_ms", "cache_step_ms", "sparse_step_ms", "sparse_attention_ms",
-            "sparse_step_speedup", "cache_step_cost", "run_dense_s", "run_rettn_s", "run_speedup",
-            "ceiling_speedup", "mean_density", "steps", "schedule", "shape", "kernel_rows", "targets")
-    out = dict.fromkeys(keys)
-    if not report or "summary" not in report:
-        return out
-    s = report["summary"]
-    rows = {r["label"]: r for r in s["rows"]}
-
-    def ms(label, field="mean_s"):
-        v = (rows.get(label) or {}).get(field)
-        return None if v is None else 1e3 * v
-
-    run = s["run"]
-    k = report.get("kernels") or {}
-    out.update(dense_step_ms=ms("dense (no rettn)"), rettn_dense_step_ms=ms("rettn dense"),
-               cache_step_ms=ms("rettn cache"), sparse_step_ms=ms("rettn sparse"),
-               sparse_attention_ms=ms("rettn sparse", "attention_s"),
-               sparse_step_speedup=s.get("sparse_step_speedup"), cache_step_cost=s.get("cache_step_cost"),
-               run_dense_s=run["dense_s"], run_rettn_s=run["rettn_s"], run_speedup=run["speedup"],
-               ceiling_speedup=run.get("ceiling_speedup"), mean_density=s.get("mean_density"),
-               steps=report.get("steps"), schedule=(report.get("schedule") or {}).get("counts"),
-               shape={x: report["target"].get(x) for x in ("seq_len", "batch", "layers", "dtype")},
-               kernel_rows=[{"keep": r["keep"], "density": r["density"], "ms": r["ms"]} for r in k.get("rows", [])],
-               targets=report.get("targets"))
     return out
 
 
@@ -195,7 +178,7 @@ def build(out: Path, work: Path, rehearse: bool, budget: int, start: int) -> dic
         tests_text = (out / TESTS_FILE).read_text(errors="replace")
     except OSError:
         pass
-    return {
+    summary = {
         "mode": "rehearse" if rehearse else "gpu",
         "complete": all(s["ran"] for s in steps.values()),
         "ok": all(s["ok"] for s in steps.values()),
@@ -205,15 +188,20 @@ def build(out: Path, work: Path, rehearse: bool, budget: int, start: int) -> dic
         "steps": steps,
         "bench": _bench(_load(out / FILES["bench"])),
         "tests": _tests(tests_text),
-        "profile": _profile(_load(out / FILES["profile"])),
+        "profile": profile_numbers(_load(out / FILES["profile"])),
         "compile": _compile(_load(out / FILES["compile"])),
+        "long": long_numbers(_load(out / FILES["long"])),
         "kernels": _kernels(work),
         "files": sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else [],
     }
+    summary["targets"] = targets(summary)
+    return summary
 
 
 def _f(x, spec=".2f", unit=""):
-    return "-" if x is None else format(x, spec) + unit
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "n/a" if x is None else str(x)
+    return format(x, spec) + unit
 
 
 def _status(step: dict) -> str:
@@ -232,7 +220,7 @@ def text(summary: dict) -> str:
              f"{summary['elapsed_s']} s of {summary['budget_s']} s | {env.get('device_name')} "
              f"(sm {env.get('capability')}), torch {env.get('torch')}, triton {env.get('triton')}, "
              f"diffusers {env.get('diffusers')}, python {env.get('python')}"]
-    lines.append("steps: " + ", ".join(f"{n} {_status(s)} {_f(s['seconds'], '.0f', 's')}/{s['cap_s']}s"
+    lines.append("steps: " + ", ".join(f"{n} {_status(s)} {_f(s['seconds'], '.0f', 's')}/{_f(s['cap_s'], 'd', 's')}"
                                        for n, s in summary["steps"].items()))
     b = summary["bench"]
     if b["rows"]:
@@ -242,32 +230,62 @@ def text(summary: dict) -> str:
         lines.append("  seq    keep   density | sdpa  flash  cudnn |  flex  mask | rettn   +lse  rescl | dnslse dns-tri | select | x sdpa  x flex  flex~rettn")
         for r in b["rows"]:
             m = r["ms"]
-            lines.append(f"  {r['seq']:<6d} {r['keep']:.4f} {r['density']:.4f}  | {_f(m['sdpa'])} {_f(m['sdpa_flash'])} "
+            lines.append(f"  {_f(r['seq'], 'd'):<6s} {_f(r['keep'], '.4f')} {_f(r['density'], '.4f')}  | {_f(m['sdpa'])} {_f(m['sdpa_flash'])} "
                          f"{_f(m['sdpa_cudnn'])} | {_f(m['flex'])} {_f(m['flex_mask'])} | {_f(m['rettn'])} "
                          f"{_f(m['rettn_lse'])} {_f(m['rettn_rescaled'])} | {_f(m['dense_lse'])} "
                          f"{_f(m['dense_lse_triton'])} | {_f(m['select'])} | {_f(r['speedup_vs_sdpa'])}x "
                          f"{_f(r['speedup_vs_flex'])}x {_f(r['rettn_vs_flex_max_abs'], '.2g')}")
+            more = {**{k: v for k, v in m.items() if k not in BENCH_MS}, **r["extra"]}
+            if more:
+                lines.append("    also: " + ", ".join(f"{k} {_f(v, '.4g')}" for k, v in more.items()))
             if r["errors"]:
                 lines.append(f"    unavailable: {', '.join(r['errors'])}")
         for name, t in (b["targets"] or {}).items():
-            lines.append(f"  target {name}: {t['value']:.2f} (bound {t['bound']}) {'met' if t['met'] else 'NOT met'}")
+            lines.append(f"  bench's own target {name}: {_f(t.get('value'))} (bound {t.get('bound')}) "
+                         f"{'met' if t.get('met') else 'NOT met'}")
     t = summary["tests"]
     lines.append(f"tests: {t['summary_line'] or 'no result'}")
     lines += [f"  {f}" for f in t["failures"][:6]]
     p = summary["profile"]
-    if p["run_speedup"] is not None:
+    if p["dense_step_ms"] is not None:
         lines.append(f"profile {p['shape']['seq_len']} tokens x {p['shape']['batch']}, {p['steps']} steps "
                      f"{p['schedule']}: dense step {_f(p['dense_step_ms'], '.1f')} ms, cache {_f(p['cache_step_ms'], '.1f')}, "
                      f"sparse {_f(p['sparse_step_ms'], '.1f')} (attention {_f(p['sparse_attention_ms'], '.1f')}) -> "
                      f"sparse step {_f(p['sparse_step_speedup'])}x; run {_f(p['run_dense_s'])} s -> "
                      f"{_f(p['run_rettn_s'])} s = {_f(p['run_speedup'])}x (ceiling {_f(p['ceiling_speedup'])}x), "
                      f"density {_f(p['mean_density'], '.4f')}")
-        for name, tg in (p["targets"] or {}).items():
-            lines.append(f"  target {name}: {tg['value']:.2f}x (>= {tg['bound']}x) {'met' if tg['met'] else 'NOT met'}")
+        lines.append(f"  dense baseline {p['dense_backend'] or 'backend not named'}; rettn dense step "
+                     f"{_f(p['rettn_dense_step_ms'], '.1f')} ms (attention {_f(p['dense_attention_ms'], '.1f')}); "
+                     f"vs the faster dense step {_f(p['reference_dense_step_ms'], '.1f')} ms: cache "
+                     f"{_f(p['cache_step_cost'])}x, sparse step ceiling {_f(p['sparse_step_ceiling_ms'], '.1f')} ms, "
+                     f"reached {_f(p['sparse_step_vs_ceiling'])}" + (f"; kernels: {p['kernels_note']}" if p["kernels_note"] else ""))
     c = summary["compile"]
     if c["ratios"]:
         lines.append(f"compile ({c['layers']} blocks, {c['schedule']}): "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in c["ratios"].items()))
+    for arch, lc in summary["long"].items():
+        lines.append(f"long {arch} {_f(lc['seq_len'], 'd')} tokens, {lc['layers']} blocks, {lc['steps']} steps "
+                     f"{lc['schedule']}: {lc['status']}" + (f" ({lc['error']})" if lc["error"] else "")
+                     + f"; dense baseline {lc['dense_backend'] or 'not named'}")
+        if lc["dense_step_ms"] is not None:
+            lines.append(f"  dense step {_f(lc['dense_step_ms'], '.0f')} ms (rettn dense {_f(lc['rettn_dense_step_ms'], '.0f')}, "
+                         f"attention {_f(lc['dense_attention_share'], '.0%')}), cache {_f(lc['cache_step_ms'], '.0f')} "
+                         f"= {_f(lc['cache_step_cost'])}x, sparse {_f(lc['sparse_step_ms'], '.0f')} = "
+                         f"{_f(lc['sparse_step_speedup'])}x ({_f(lc['sparse_step_vs_ceiling'])} of its ceiling "
+                         f"{_f(lc['sparse_step_ceiling_ms'], '.0f')} ms); run {_f(lc['run_dense_s'])} s -> "
+                         f"{_f(lc['run_rettn_s'])} s = {_f(lc['run_speedup'])}x at the faster dense step "
+                         f"({_f(lc['run_speedup_vs_baseline_run'])}x vs the baseline's run; ceiling {_f(lc['ceiling_speedup'])}x), "
+                         f"density {_f(lc['mean_density'], '.4f')}")
+        o = lc["offload"]
+        if o:
+            lines.append(f"  R in host memory: run {_f(o['run_s'])} s = {_f(o['run_cost'], '.3f')}x on-device rettn; cache step "
+                         f"{_f(o['cache_step_ms'], '.0f')} ms ({_f(o['cache_step_cost'], '.3f')}x), sparse "
+                         f"{_f(o['sparse_step_ms'], '.0f')} ms ({_f(o['sparse_step_cost'], '.3f')}x); peak memory saved "
+                         f"{_f(o['peak_memory_saved_gib'], '.2f')} GiB")
+    lines.append("targets (against the faster dense step of the same run):")
+    for tg in summary["targets"]:
+        verdict = "not measured" if tg["met"] is None else ("met" if tg["met"] else "NOT met")
+        lines.append(f"  {tg['where']:<24s} {tg['name']:<36s} {_f(tg['value'], '.3f'):>6s} {tg['op']} {tg['bound']}: {verdict}")
     k = summary["kernels"]
     counts = ", ".join(f"{n} {s['count'] if s['count'] is not None else '-'}"
                        + (f" (compiled {s['compiled']})" if s["compiled"] is not None else "")
