@@ -152,12 +152,20 @@ else
 fi
 step bench 70 "$LOG" "$PY" scripts/bench_attention.py "${BENCH[@]}" --out "$OUT/bench_attention.json"
 
+# ---- 1b. block selection alone at the CogVideoX-2B shape: eager, CUDA-graph replay, syncs (into log.txt)
+if (( REHEARSE )); then
+  SELECT=(--device cpu --heads 2 --seq 2048 --repeats 1)
+else
+  SELECT=(--device cuda --heads 30)
+fi
+step select 20 "$LOG" "$PY" scripts/bench_selection.py "${SELECT[@]}"
+
 # ---- 2. the GPU test tier (no -x). Where the image has them: a per-test timeout (pytest-timeout),
 #      and 4 workers (pytest-xdist) so that the ~15 Triton compiles run side by side
 EXTRA=()
 "$PY" -c "import pytest_timeout" 2> /dev/null && EXTRA+=(--timeout 45)
 "$PY" -c "import xdist" 2> /dev/null && EXTRA+=(-n 4)
-step tests 60 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py \
+step tests 60 "$OUT/tests.txt" env PYTHONPATH="$PYTHONPATH:$PWD/scripts" "$PY" -m pytest -q tests/test_gpu.py tests/test_selection.py::test_topk_in_a_cuda_graph \
   -p launch_log -p no:cacheprovider -rfE --durations=12 "${EXTRA[@]}"
 
 # ---- 3. CogVideoX-2B latency profile: full shape (17,776 tokens, CFG batch 2, bf16), 50 steps; a

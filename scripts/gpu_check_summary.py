@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gpu_check_numbers import LONG_CASE, PROFILE_KEYS, long_numbers, profile_numbers, targets  # noqa: F401 (scripts/)
 
-STEPS = ("install", "bench", "tests", "profile", "compile", "long")
+STEPS = ("install", "bench", "select", "tests", "profile", "compile", "long")
 TESTS_FILE = "tests.txt"
 FILES = {"bench": "bench_attention.json", "profile": "profile-cogvideox-2b.json", "compile": "bench_compile.json",
          "long": "profile-long.json"}

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check_summary  # noqa: E402
 
-STEPS = {"install", "bench", "tests", "profile", "compile", "long"}
+STEPS = {"install", "bench", "select", "tests", "profile", "compile", "long"}
 TOP = {"mode", "complete", "ok", "budget_s", "elapsed_s", "env", "steps", "bench", "tests", "profile", "compile",
        "long", "kernels", "files", "targets"}
 STEP = {"rc", "ok", "seconds", "cap_s", "timed_out", "ran"}
