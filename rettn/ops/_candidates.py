@@ -74,6 +74,16 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
     """(candidate backend strings, {skipped candidate: reason}) for one call."""
     names, skipped = [], {}
     dev = q.device.type
+    if op == "cache":  # a whole cache step: two passes (the baseline) or the one-pass kernel
+        names.append("dense+stats")
+        reason = "no backward (autograd is on)" if grad else triton_reason(q, layout)
+        if reason is None and dev != "cuda" and not interpreting():
+            reason = "the triton backend needs CUDA tensors"
+        if reason is None:
+            names.append("fused")
+        else:
+            skipped["fused"] = reason
+        return names, skipped
     if layout is None or full:
         for kname in (("flash", "cudnn", "efficient") if dev == "cuda" else ("cpu",)):
             reason = dense.unsupported_reason(kname, q)
@@ -105,7 +115,9 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
 
 def default_choice(op: str, q: torch.Tensor, names: list[str]) -> str:
     """What runs without measurement: on CUDA the Triton kernel (dense: flash, then efficient),
-    elsewhere the torch path (dense: PyTorch's CPU flash kernel)."""
+    elsewhere the torch path (dense: PyTorch's CPU flash kernel); a cache step: two passes."""
+    if op == "cache":
+        return "dense+stats"
     if q.device.type == "cuda":
         order = ("sdpa:flash", "sdpa:efficient", "triton", "torch") if op == "dense+lse" else ("triton", "torch")
     else:

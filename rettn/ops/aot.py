@@ -35,6 +35,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from rettn.errors import InputError
 from rettn.ops import _tiles as tiles
 from rettn.ops import _triton as triton_sparse
+from rettn.ops import _triton_cache as triton_cache
 from rettn.ops.layout import BlockSparseLayout
 
 ARCHS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
@@ -48,7 +49,7 @@ class Case:
     arch: str  # a key of ARCHS
     dtype: str  # a key of DTYPES
     head_dim: int
-    kind: str  # "dense" | "sparse" | "step" (engine sparse step) | "rescaled" | "cache" | "checked"
+    kind: str  # "dense" | "sparse" | "step" (engine sparse step) | "rescaled" | "cache" | "checked" | "fused"
     block: int = 128  # layout block (sparse kinds)
     lse: bool = False  # dense / sparse: return the lse
     seq: int = 4096
@@ -146,6 +147,9 @@ def _build(case, q, k, v, layout, scale, cap):
         return prep(mode="step", check=True)
     if case.kind == "cache":
         return prep(mode="cache", residual=res, lse_dense=rho, out_dtype=dt, write_rho=True, check=True)
+    if case.kind == "fused":  # the one-pass cache step (rettn.ops._triton_cache), as the engine calls it
+        return triton_cache.prepare(q, k, v, layout, scale, use_rho=True, residual_dtype=dt, check=True,
+                                    capability=cap)
     raise InputError(f"unknown kind {case.kind!r}")
 
 
@@ -202,7 +206,7 @@ def compile_launch(case: Case, launch: triton_sparse.Launch) -> Result:
         raise RuntimeError(
             "triton was imported with TRITON_INTERPRET=1, so its language library is the interpreter's and "
             "cannot be compiled: compile in a process without it (rettn.ops.aot.compile_in_subprocess)")
-    fn = triton_sparse.attn_fwd
+    fn = triton_sparse.attn_fwd if launch.kernel is None else launch.kernel
     target = GPUTarget("cuda", ARCHS[case.arch][0] * 10 + ARCHS[case.arch][1], 32)
     options, signature, constexprs, attrs = _specialise(fn, launch, target)
     start = time.perf_counter()
@@ -268,7 +272,7 @@ def full_matrix(archs=("sm_80", "sm_86", "sm_90"), dtypes=("bf16", "fp16"), head
                 for block in (64, 128):
                     for lse in (False, True):
                         cases.append(Case(arch, dt, d, "sparse", block, lse=lse))
-                    for kind in ("step", "rescaled", "checked", "cache"):
+                    for kind in ("step", "rescaled", "checked", "cache", "fused"):
                         cases.append(Case(arch, dt, d, kind, block))
                 if d in (64, 72):  # broadcast layouts (window patterns) and a sequence tail
                     cases.append(Case(arch, dt, d, "step", 128, broadcast=True))
