@@ -7,7 +7,8 @@ launch of :func:`rettn.ops._dispatch.run_cache_step`).
 use_rho, residual_dtype, check) -> (out_dense, rho, residual, finite)`` (empty tensors where not
 asked for): what :func:`rettn.ops.attention.cache_step_attention` runs under ``torch.compile``.
 
-Backends (:func:`run_cache_pass`): ``"triton"`` (or ``"fused"``) the one-pass kernel;
+Backends (:func:`run_cache_pass`): ``"triton"`` (or ``"fused"``; ``"fused:BMxBN"`` with those
+tiles) the one-pass kernel;
 ``"dense+stats"`` the two passes with the chooser's picks; ``"torch"``/``"flex"`` the auto dense
 pass and the statistics on that backend; ``"auto"`` the faster of ``"fused"`` and
 ``"dense+stats"``, timed at the first call of a shape (:func:`rettn.ops._choice.resolve_cache`).
@@ -20,6 +21,7 @@ import functools
 import torch
 
 from rettn.ops import _choice as choice
+from rettn.ops._candidates import parse
 from rettn.ops._dispatch import auto_dense, run, run_cache_step
 from rettn.ops.layout import trusted_layout
 
@@ -39,9 +41,10 @@ def run_cache_pass(q, k, v, layout, scale, backend, use_rho=True, residual_dtype
     if backend == "auto":
         backend = choice.resolve_cache(q, k, layout, lambda name: _compared(
             run_cache_pass(q, k, v, layout, scale, name, use_rho, residual_dtype, check)))
-    if backend in ("triton", "fused"):
+    if backend in ("triton", "fused") or backend[:6] == "fused:":
         return _triton_cache().triton_fused_cache_step(q, k, v, layout, scale, use_rho=use_rho,
-                                                       residual_dtype=residual_dtype, check=check)
+                                                       residual_dtype=residual_dtype, check=check,
+                                                       tiles=parse(backend)[1])
     out_d, lse_d = run(q, k, v, None, scale, auto_dense(q), True)
     stats = "auto" if backend == "dense+stats" else backend
     rho, residual, ok = run_cache_step(q, k, v, layout, scale, stats, out_d, lse_d, use_rho, residual_dtype, check)

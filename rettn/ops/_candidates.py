@@ -61,10 +61,10 @@ def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
 
 @functools.lru_cache(maxsize=64)
 def parse(backend: str) -> tuple[str, object]:
-    """``"triton:128x64"`` -> ("triton", (128, 64)); ``"sdpa:flash"`` -> ("sdpa", "flash");
-    ``"torch"`` -> ("torch", None)."""
+    """``"triton:128x64"`` -> ("triton", (128, 64)) (``"fused:..."`` alike); ``"sdpa:flash"`` ->
+    ("sdpa", "flash"); ``"torch"`` -> ("torch", None)."""
     kind, _, arg = backend.partition(":")
-    if kind == "triton" and arg:
+    if kind in ("triton", "fused") and arg:
         bm, _, bn = arg.partition("x")
         return kind, (int(bm), int(bn))
     return kind, (arg or None)
@@ -81,6 +81,8 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
             reason = "the triton backend needs CUDA tensors"
         if reason is None:
             names.append("fused")
+            if dev == "cuda" and q.shape[-1] <= 64 and layout.block_k >= 128 and layout.block_q >= 128:
+                names.append("fused:128x128")  # larger key tiles, one program per SM: timed, not assumed
         else:
             skipped["fused"] = reason
         return names, skipped

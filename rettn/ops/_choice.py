@@ -17,7 +17,8 @@ Candidates (:mod:`._candidates`; the backend strings :func:`rettn.ops._dispatch.
 - ``"torch"``: the gather + batched matmul path (cuBLAS on CUDA): correct everywhere, the
   reference the other candidates are checked against;
 - for a whole cache step (op ``"cache"``, :mod:`._cache_pass`): ``"fused"``, the one-pass Triton
-  kernel (dense output, lse, rho and R from one sweep over every key block), against
+  kernel (dense output, rho and R from one sweep over every key block; on CUDA at head dim <= 64
+  also ``"fused:128x128"``, larger tiles), against
   ``"dense+stats"``, the fastest dense kernel with lse (cuDNN on an H200) then the statistics
   launch; not measured (CPU, capture): ``"dense+stats"``;
 - ``"sdpa:flash"``, ``"sdpa:cudnn"``, ``"sdpa:efficient"`` (CUDA), ``"sdpa:cpu"``: PyTorch's
@@ -162,8 +163,8 @@ class BackendChooser:
         return name
 
     def resolve_cache(self, q, k, layout, run) -> str:
-        """The route of a whole cache step (op ``"cache"``): ``"fused"`` (one Triton pass over every
-        key block) or ``"dense+stats"`` (the dense kernel with lse, then the statistics launch);
+        """The route of a whole cache step (op ``"cache"``): ``"fused"``/``"fused:BMxBN"`` (one
+        Triton pass over every key block) or ``"dense+stats"`` (the dense kernel with lse, then the statistics launch);
         measured at the first call of a key. ``run(name) -> (R or out_dense, rho)``."""
         key = self.key("cache", q, k, layout, False)
         found = self._fast.get(key)

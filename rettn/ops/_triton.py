@@ -222,8 +222,9 @@ class Launch:
 
     def run(self):
         kernel = attn_fwd if self.kernel is None else self.kernel
+        extra = {} if self.config.max_registers is None else {"maxnreg": self.config.max_registers}
         kernel[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
-                          num_stages=self.config.num_stages)
+                          num_stages=self.config.num_stages, **extra)
 
 
 def prepare(

@@ -1,25 +1,31 @@
 """Re-ttention's cache step in one Triton pass: the dense output, its lse and the statistics of
 the layout's selected key blocks (rho and R) from a single sweep over every key block.
 
-Each program (one query tile) walks its layout row's key blocks in the order "selected blocks
-first, then the rest" (:func:`sweep_order`: the row's selected blocks ascending, then the
-unselected ones ascending; built once per layout on the device, no sync). One online softmax
-runs over the whole sweep with one running max ``m``, one denominator ``l`` and one
-accumulator. When the selected blocks are done, the program keeps a copy of ``(m_s, l_s,
-acc_s)``: exactly the sparse pass's state (the same blocks in the same order, the same max), so
+Each program (one query tile) runs one online softmax (one running max ``m``, one denominator
+``l``, one accumulator) over all of its layout row's key blocks, in two groups
+(:func:`sweep_order`, built once per layout on the device, no sync):
 
-- ``O_sparse = acc_s / l_s`` and ``lse_sparse = m_s + log l_s`` are what the separate sparse
-  launch computes; ``l_s >= 1`` (the selected set's own max term), so it never underflows,
-  whatever the unselected scores are;
-- the sweep continues over the unselected blocks: ``O_dense = acc / l``, ``lse_dense = m + log l``;
-- ``rho = clamp(l_s * 2**(m_s - m) / l, RHO_FLOOR, 1)`` (= ``exp(lse_sparse - lse_dense)``,
-  formed without the exponent of a difference of two large logs) and ``R = O_dense - rho *
-  O_sparse`` (``O_dense - O_sparse`` without rho), stored in ``residual_dtype``.
+- Default (rho asked for): the unselected blocks first, then the selected ones. When the
+  unselected group is done, its normalised partial output ``acc_u / l_u`` goes to R's buffer
+  (the program's own tile; read back after a barrier) and ``(m_u, l_u)`` stay in registers, so
+  the sweep holds one accumulator, as a plain flash pass does (a 16-bit R's rounding error is
+  parked beside it in out_dense's tile, so R is rounded once). The selected group continues the
+  same softmax and also sums its own share ``l_s`` (against the shared running max). At the end:
+  ``O_dense = acc / l``, ``lse = m + log l``, ``rho = clamp(l_s / l, RHO_FLOOR, 1)`` and
+  ``R = (acc_u / l_u) * l_u 2**(m_u - m) / l`` (= ``acc_u / l``, the unselected blocks' share of
+  the dense output, which is ``O_dense - rho * O_sparse`` for the unclamped rho).
+- Without rho (``R = O_dense - O_sparse``): the selected blocks first; the program keeps a copy
+  of their state ``O_sparse = acc_s / l_s`` in registers (exactly the sparse pass's, the same
+  blocks in the same order) while the sweep continues over the rest.
 
-A row whose layout selects every key block sweeps nothing after the copy: ``rho = 1``, ``R = 0``.
-The finite check covers ``O_dense`` (as the two-pass route's). Only the per-tile accumulation
-is on the sweep's path: the copy is two registers per row and one accumulator tile, untouched
-in the second loop.
+Underflow and the floor: ``l_s`` is summed against the running max of every block, so when every
+selected score lies more than ~87 nats (float32's exponent range) below the row's unselected
+maximum, ``l_s`` underflows to 0 and rho is RHO_FLOOR, which is what the two-pass route gives
+there too (its rho would be below the floor). R does not depend on ``l_s``. When rho is clamped
+up to the floor (the selected share is below 1e-6), R is ``acc_u / l`` = ``O_dense - rho_true *
+O_sparse`` rather than ``O_dense - RHO_FLOOR * O_sparse``: they differ by less than
+``1e-6 * |O_sparse|``. A row whose layout selects every key block has ``rho = 1`` and ``R = 0``.
+The finite check covers ``O_dense`` (as the two-pass route's).
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ MODE = "fused"  # the tile table's key (rettn.ops._tiles.tile_config)
 
 
 @triton.jit
-def _sweep(acc, m_i, l_i, q, k_base, v_base, idx_base, s_ik, t_lo, t_hi, offs_n, offs_d, d_ok,
+def _sweep(acc, m_i, l_i, l_g, q, k_base, v_base, idx_base, s_ik, t_lo, t_hi, offs_n, offs_d, d_ok,
            s_ks, s_kd, s_vs, s_vd, SEQ_K, qk_scale,
            ALIGN: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-           DOT_PREC: tl.constexpr):
-    """The online softmax over sweep positions [t_lo, t_hi) (key tiles of the row's ordered blocks)."""
+           DOT_PREC: tl.constexpr, TRACK: tl.constexpr):
+    """The online softmax over sweep positions [t_lo, t_hi) (key tiles of the row's ordered
+    blocks); ``TRACK``: also ``l_g``, these tiles' own share of the denominator (same max)."""
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     for t in range(t_lo, t_hi):
         kb = tl.load(idx_base + (t // SUB) * s_ik)
@@ -58,15 +65,18 @@ def _sweep(acc, m_i, l_i, q, k_base, v_base, idx_base, s_ik, t_lo, t_hi, offs_n,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])  # one FMA a score
+        row_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum
+        if TRACK:
+            l_g = l_g * alpha + row_sum
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, l_g
 
 
 @triton.jit
@@ -78,7 +88,7 @@ def _round_bf16(x):
 
 @triton.jit
 def cache_fwd(
-    Q, K, V, OD, R, LSE, RHO, KV_SEL, KV_ORD, FLAG, SCRATCH,
+    Q, K, V, OD, R, LSE, RHO, KV_FIRST, KV_ORD, FLAG, SCRATCH,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
@@ -89,7 +99,8 @@ def cache_fwd(
     H, SEQ_Q, SEQ_K, N_TILES, N_KB, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STORE_LSE: tl.constexpr, HAS_RHO: tl.constexpr, HAS_RES: tl.constexpr, CHECK: tl.constexpr,
+    STORE_LSE: tl.constexpr, HAS_RHO: tl.constexpr, HAS_RES: tl.constexpr, SEL_FIRST: tl.constexpr,
+    SPLIT: tl.constexpr, CHECK: tl.constexpr,
     FINITE_LIMIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -115,41 +126,57 @@ def cache_fwd(
 
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     row = start_m // LAYOUT_BQ
-    n_sel = tl.load(KV_SEL + b * s_nb + h * s_nh + row * s_nq)
+    n_first = tl.load(KV_FIRST + b * s_nb + h * s_nh + row * s_nq)
     idx_base = KV_ORD + b * s_ib + h * s_ih + row * s_iq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # the selected blocks (at least one, with a real key in its first tile: m_i is finite after it)
-    acc, m_i, l_i = _sweep(acc, m_i, l_i, q, k_base, v_base, idx_base, s_ik, 0, n_sel * SUB, offs_n, offs_d,
-                           d_ok, s_ks, s_kd, s_vs, s_vd, SEQ_K, qk_scale, ALIGN, LAYOUT_BK, BLOCK_N, UPCAST,
-                           DOT_PREC)
-    m_s = m_i
-    l_s = l_i
-    o_s = acc / l_i[:, None]  # the sparse output (kept in registers, never stored)
-    # the unselected blocks: the same softmax continues to the dense result
-    acc, m_i, l_i = _sweep(acc, m_i, l_i, q, k_base, v_base, idx_base, s_ik, n_sel * SUB, N_KB * SUB, offs_n,
-                           offs_d, d_ok, s_ks, s_kd, s_vs, s_vd, SEQ_K, qk_scale, ALIGN, LAYOUT_BK, BLOCK_N,
-                           UPCAST, DOT_PREC)
+    # the first group (SEL_FIRST: the selected blocks, at least one; else the unselected ones,
+    # maybe none). Its first tile holds a real key, so m_i is finite after it.
+    acc, m_i, l_i, _unused = _sweep(acc, m_i, l_i, l_i, q, k_base, v_base, idx_base, s_ik, 0, n_first * SUB, offs_n,
+                                offs_d, d_ok, s_ks, s_kd, s_vs, s_vd, SEQ_K, qk_scale, ALIGN, LAYOUT_BK, BLOCK_N,
+                                UPCAST, DOT_PREC, False)
+    m_a = m_i
+    l_a = l_i
+    if SEL_FIRST:
+        o_s = acc / l_i[:, None]  # the sparse output, kept in registers
+    elif HAS_RES:  # the unselected blocks' partial output, parked in R's tile (this program's own)
+        part = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # none: acc is 0
+        hi = part.to(R.dtype.element_ty)
+        tl.store(R + tl.multiple_of(b * s_rb + h * s_rh, ALIGN) + tl.multiple_of(offs_m * s_rs, ALIGN)[:, None]
+                 + offs_d[None, :] * s_rd, hi, mask=md_ok)
+        if SPLIT:  # a 16-bit R: its rounding error parked in out_dense's tile, so R is rounded once
+            tl.store(OD + tl.multiple_of(b * s_ob + h * s_oh, ALIGN) + tl.multiple_of(offs_m * s_os, ALIGN)[:, None]
+                     + offs_d[None, :] * s_od, (part - hi.to(tl.float32)).to(OD.dtype.element_ty), mask=md_ok)
+    # the second group: the same softmax continues to the dense result
+    l_b = tl.zeros([BLOCK_M], tl.float32)
+    acc, m_i, l_i, l_b = _sweep(acc, m_i, l_i, l_b, q, k_base, v_base, idx_base, s_ik, n_first * SUB, N_KB * SUB,
+                                offs_n, offs_d, d_ok, s_ks, s_kd, s_vs, s_vd, SEQ_K, qk_scale, ALIGN, LAYOUT_BK,
+                                BLOCK_N, UPCAST, DOT_PREC, not SEL_FIRST)
     o_d = acc / l_i[:, None]
     row_ptrs = bh * SEQ_Q + offs_m  # LSE and RHO: contiguous (B, H, Sq)
     if STORE_LSE:
         tl.store(LSE + row_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)  # ln(2)
-    w = l_s * tl.exp2(m_s - m_i) / l_i  # the selected blocks' share of the denominator
-    w = tl.minimum(tl.maximum(w, _FLOOR), 1.0)
-    if HAS_RHO:
-        tl.store(RHO + row_ptrs, w, mask=m_ok)
+    if HAS_RHO:  # (not SEL_FIRST) the selected blocks' share of the denominator
+        tl.store(RHO + row_ptrs, tl.minimum(tl.maximum(l_b / l_i, _FLOOR), 1.0), mask=m_ok)
     if HAS_RES:
-        if HAS_RHO:
-            r = o_d - w[:, None] * o_s
-        else:
+        r_ptrs = (R + tl.multiple_of(b * s_rb + h * s_rh, ALIGN) + tl.multiple_of(offs_m * s_rs, ALIGN)[:, None]
+                  + offs_d[None, :] * s_rd)
+        if SEL_FIRST:
             r = o_d - o_s
+        else:
+            tl.debug_barrier()  # the parked tile, stored by other threads of this program
+            part = tl.load(r_ptrs, mask=md_ok, other=0.0).to(tl.float32)
+            if SPLIT:
+                part += tl.load(OD + tl.multiple_of(b * s_ob + h * s_oh, ALIGN)
+                                + tl.multiple_of(offs_m * s_os, ALIGN)[:, None] + offs_d[None, :] * s_od,
+                                mask=md_ok, other=0.0).to(tl.float32)
+            r = part * (l_a * tl.exp2(m_a - m_i) / l_i)[:, None]
         if UPCAST:
             if R.dtype.element_ty == tl.bfloat16:
                 r = _round_bf16(r)
-        tl.store(R + tl.multiple_of(b * s_rb + h * s_rh, ALIGN) + tl.multiple_of(offs_m * s_rs, ALIGN)[:, None]
-                 + offs_d[None, :] * s_rd, r.to(R.dtype.element_ty), mask=md_ok)
+        tl.store(r_ptrs, r.to(R.dtype.element_ty), mask=md_ok)
     checked = o_d
     if UPCAST:
         if OD.dtype.element_ty == tl.bfloat16:
@@ -168,15 +195,17 @@ def cache_fwd(
 
 
 # ------------------------------------------------------------------------------ launch
-def sweep_order(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n_sel (B|1, H|1, nQ) int32, order (B|1, H|1, nQ, nK) int32)``: each row's distinct
-    selected key blocks ascending, then its unselected blocks ascending, and how many are
-    selected. Any index order in the layout works (the block mask is rebuilt); computed on the
-    device (no sync) and kept while the layout's index tensors live unchanged."""
+def sweep_order(layout: BlockSparseLayout, selected_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n_first (B|1, H|1, nQ) int32, order (B|1, H|1, nQ, nK) int32)``: each row's key blocks in
+    two groups, each ascending: the unselected blocks then the selected ones (``selected_first``:
+    the other way round), and how many are in the first group. Any index order in the layout
+    works (the block mask is rebuilt; a repeated index counts once); computed on the device (no
+    sync) and kept while the layout's index tensors live unchanged."""
     def build():
-        return dense_to_kv(layout.to_dense(), width=layout.num_k_blocks)
+        mask = layout.to_dense()
+        return dense_to_kv(mask if selected_first else ~mask, width=layout.num_k_blocks)
 
-    return layout_memo.get(layout, "sweep_order", build)
+    return layout_memo.get(layout, f"sweep_order_{int(selected_first)}", build)
 
 
 def prepare(q, k, v, layout: BlockSparseLayout, scale: float, *, use_rho: bool = True,
@@ -190,12 +219,14 @@ def prepare(q, k, v, layout: BlockSparseLayout, scale: float, *, use_rho: bool =
     cap = base.device_capability(dev) if capability == "device" else capability
     cfg = tile_config(cap, d, q.dtype, layout.block_q, layout.block_k, MODE)
     if tiles is not None:
-        cfg = TileConfig(tiles[0], tiles[1], cfg.num_warps, cfg.num_stages)
+        cfg = TileConfig(tiles[0], tiles[1], cfg.num_warps, cfg.num_stages,
+                         max_registers=cfg.max_registers if tuple(tiles) == (cfg.block_m, cfg.block_n) else None)
     bm, bn = cfg.block_m, cfg.block_n
     assert layout.block_q % bm == 0 and layout.block_k % bn == 0, "tiles must divide the layout blocks"
     n_tiles = -(-sq // bm)
-    n_sel, order = sweep_order(layout)
-    n_sel, order = n_sel.expand(b, h, -1), order.expand(b, h, -1, -1)
+    sel_first = residual_dtype is not None and not use_rho
+    n_first, order = sweep_order(layout, sel_first)
+    n_first, order = n_first.expand(b, h, -1), order.expand(b, h, -1, -1)
 
     out_d = torch.empty_like(q)
     res = torch.empty_like(q, dtype=residual_dtype) if residual_dtype is not None else None
@@ -207,15 +238,16 @@ def prepare(q, k, v, layout: BlockSparseLayout, scale: float, *, use_rho: bool =
     align = row_alignment(*(t for t in (q, k, v, out_d, res) if t is not None))
     args = [
         q, k, v, out_d, res if res is not None else out_d, lse if lse is not None else f32_anchor,
-        rho if rho is not None else f32_anchor, n_sel, order,
-        flag if flag is not None else n_sel, scratch if scratch is not None else n_sel,
+        rho if rho is not None else f32_anchor, n_first, order,
+        flag if flag is not None else n_first, scratch if scratch is not None else n_first,
         *q.stride(), *k.stride(), *v.stride(), *out_d.stride(),
-        *(res.stride() if res is not None else (0, 0, 0, 0)), *n_sel.stride(), *order.stride(),
+        *(res.stride() if res is not None else (0, 0, 0, 0)), *n_first.stride(), *order.stride(),
         h, sq, sk, n_tiles, layout.num_k_blocks, scale * _LOG2E,
     ]
     constexprs = dict(
         HEAD_D=d, BLOCK_D=block_d_for(d), ALIGN=align, LAYOUT_BQ=layout.block_q, LAYOUT_BK=layout.block_k,
-        BLOCK_M=bm, BLOCK_N=bn, STORE_LSE=return_lse, HAS_RHO=use_rho, HAS_RES=res is not None, CHECK=check,
+        BLOCK_M=bm, BLOCK_N=bn, STORE_LSE=return_lse, HAS_RHO=use_rho, HAS_RES=res is not None, SEL_FIRST=sel_first,
+        SPLIT=res is not None and not sel_first and residual_dtype != torch.float32, CHECK=check,
         FINITE_LIMIT=base.FINITE_LIMIT[q.dtype] if check else 0.0, UPCAST=cap is None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
