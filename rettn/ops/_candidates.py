@@ -38,6 +38,11 @@ def triton_reason(q: torch.Tensor, layout) -> str | None:
     return None
 
 
+def tiles_hopper(q) -> bool:
+    cap = device_capability(q.device)
+    return cap is not None and tuple(cap) >= (9, 0)
+
+
 def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
                  default: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Tile shapes (BLOCK_M, BLOCK_N) to time for the Triton kernel, the kernel's default first
@@ -81,8 +86,11 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
             reason = "the triton backend needs CUDA tensors"
         if reason is None:
             names.append("fused")
-            if dev == "cuda" and q.shape[-1] <= 64 and layout.block_k >= 128 and layout.block_q >= 128:
+            big = layout.block_k >= 128 and layout.block_q >= 128
+            if dev == "cuda" and big and q.shape[-1] <= 64:
                 names.append("fused:128x128")  # larger key tiles, one program per SM: timed, not assumed
+            elif dev == "cuda" and big and q.shape[-1] <= 128 and tiles_hopper(q):
+                names.append("fused:64x64")  # ~140 registers instead of 255: timed, not assumed
         else:
             skipped["fused"] = reason
         return names, skipped

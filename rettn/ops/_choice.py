@@ -18,7 +18,7 @@ Candidates (:mod:`._candidates`; the backend strings :func:`rettn.ops._dispatch.
   reference the other candidates are checked against;
 - for a whole cache step (op ``"cache"``, :mod:`._cache_pass`): ``"fused"``, the one-pass Triton
   kernel (dense output, rho and R from one sweep over every key block; on CUDA at head dim <= 64
-  also ``"fused:128x128"``, larger tiles), against
+  also ``"fused:128x128"``, larger tiles, and on Hopper at 72-128 ``"fused:64x64"``), against
   ``"dense+stats"``, the fastest dense kernel with lse (cuDNN on an H200) then the statistics
   launch; not measured (CPU, capture): ``"dense+stats"``;
 - ``"sdpa:flash"``, ``"sdpa:cudnn"``, ``"sdpa:efficient"`` (CUDA), ``"sdpa:cpu"``: PyTorch's
