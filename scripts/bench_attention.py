@@ -247,7 +247,8 @@ def print_table(rows):
             print(f"            |   cache step ms: fused {fmt(ms.get('cache_fused'))}, two passes "
                   f"{fmt(ms.get('cache_two_pass'))}, auto {fmt(ms.get('cache_auto'))} ({r.get('cache_route')}) = "
                   f"{fmt(r.get('cache_step_vs_dense'), '.3f')} x best dense {r.get('best_sdpa')} (fused "
-                  f"{fmt(r.get('cache_fused_vs_dense'), '.3f')}, two passes {fmt(r.get('cache_two_pass_vs_dense'), '.3f')})")
+                  f"{fmt(r.get('cache_fused_vs_dense'), '.3f')}, two passes "
+                  f"{fmt(r.get('cache_two_pass_vs_dense'), '.3f')})")
 
 
 def check_targets(preset, rows):
