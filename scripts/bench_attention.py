@@ -20,6 +20,14 @@ prebuilt BlockMask; ``flex_mask``: building that mask), ``rettn`` (the sparse ke
 ``rettn_lse`` (with lse: a cache step's sparse pass), ``rettn_rescaled`` (rho * O + R: a sparse
 step), ``dense_lse`` (``rettn.attention_with_lse``, the default path) and ``dense_lse_triton``
 (rettn's Triton dense kernel); ``select`` (the block selection) is always timed.
+
+A cache step's attention (dense output, rho and R in ``--dtype``, finite check), three ways:
+``cache_fused`` (one Triton pass over every key block), ``cache_two_pass`` (the fastest dense
+kernel with lse, then the statistics launch: the route before the one-pass kernel) and
+``cache_auto`` (``cache_step_attention`` as users call it: on CUDA the chooser's faster of the
+two, named in the row's ``cache_route``). Row keys ``cache_step_vs_dense`` (cache_auto / best
+SDPA: the cache step's cost in dense steps' attention), ``cache_fused_vs_dense`` and
+``cache_two_pass_vs_dense``; ``checks.cache_fused_vs_two_pass_max_abs_r`` compares their R.
 """
 
 from __future__ import annotations
@@ -59,12 +67,13 @@ PRESETS = {
 TARGETS = {
     "cpu": dict(seq=4096, keep=0.0625, min_speedup_vs_sdpa=4.0, max_select_share=0.20),
     "cogvideox": dict(seq=17776, keep=0.03125, min_speedup_vs_sdpa=15.0, min_speedup_vs_flex=1.5,
-                      max_dense_vs_sdpa=1.3),
+                      max_dense_vs_sdpa=1.3, max_cache_step_vs_dense=1.05),
 }
 ALL_PROVIDERS = ("sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "rettn", "rettn_lse", "rettn_rescaled",
-                 "dense_lse", "dense_lse_triton")
+                 "dense_lse", "dense_lse_triton", "cache_fused", "cache_two_pass", "cache_auto")
+CACHE = ("cache_fused", "cache_two_pass", "cache_auto")
 DENSE = ("sdpa", "sdpa_flash", "sdpa_cudnn")
-OWN = ("rettn", "rettn_lse", "rettn_rescaled", "dense_lse", "dense_lse_triton")  # a failure here fails the run
+OWN = ("rettn", "rettn_lse", "rettn_rescaled", "dense_lse", "dense_lse_triton") + CACHE  # a failure here fails the run
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
@@ -136,6 +145,14 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
         dense_out = offer("dense_lse", lambda: rettn.attention_with_lse(q, k, v))
     if "dense_lse_triton" in wanted:
         offer("dense_lse_triton", lambda: rettn.attention_with_lse(q, k, v, backend="triton"))
+    cache_out = {}
+    for name, route in (("cache_fused", "fused"), ("cache_two_pass", "dense+stats"), ("cache_auto", backend)):
+        if name in wanted:
+            cache_out[name] = offer(name, lambda route=route: _cache_step(q, k, v, layout, scale, dtype, route))
+    if cache_out.get("cache_fused") is not None and cache_out.get("cache_two_pass") is not None:
+        r1, r2 = cache_out["cache_fused"][2], cache_out["cache_two_pass"][2]
+        checks["cache_fused_vs_two_pass_max_abs_r"] = float((r1.float() - r2.float()).abs().max())
+    cache_out.clear()
     compile_s = None
     if "flex" in wanted and flex_fn is not None:
         t = time.perf_counter()
@@ -178,11 +195,31 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
             row["dense_lse_vs_sdpa"] = ms["dense_lse"] / ms_best
         if "flex" in ms:
             row["flex_speedup_vs_sdpa"] = ms_best / ms["flex"]
+        for name, key in (("cache_auto", "cache_step_vs_dense"), ("cache_fused", "cache_fused_vs_dense"),
+                          ("cache_two_pass", "cache_two_pass_vs_dense")):
+            if name in ms:
+                row[key] = ms[name] / ms_best
+    if "cache_auto" in ms:
+        from rettn.ops._choice import default_chooser
+
+        chosen = default_chooser().lookup("cache", q, k, layout)
+        row["cache_route"] = "fused" if backend == "triton" else (chosen or "dense+stats")
     if "rettn" in ms:
         row["select_share"] = ms["select"] / ms["rettn"]
         if "flex" in ms:
             row["speedup_vs_flex"] = ms["flex"] / ms["rettn"]
     return row
+
+
+def _cache_step(q, k, v, layout, scale, dtype, route):
+    """One cache step's attention: ``(out_dense, rho, R, finite)``. ``route``: ``"fused"``,
+    ``"dense+stats"`` (the two routes, named) or a public backend (None: auto)."""
+    if route in ("fused", "dense+stats"):
+        from rettn.ops._cache_pass import cache_pass_outputs
+
+        return cache_pass_outputs(q, k, v, layout, scale, route, True, dtype, True)
+    return rettn.ops.attention.cache_step_attention(q, k, v, layout, scale=scale, residual_dtype=dtype,
+                                                    check_finite=True, backend=route)
 
 
 def fmt(x, spec=".2f"):
@@ -206,6 +243,12 @@ def print_table(rows):
             print(f"            |   unavailable: {r['errors']}")
         if r["checks"]:
             print("            |   checks: " + ", ".join(f"{k} {v:.3g}" for k, v in r["checks"].items()))
+        if any(name in ms for name in CACHE):
+            print(f"            |   cache step ms: fused {fmt(ms.get('cache_fused'))}, two passes "
+                  f"{fmt(ms.get('cache_two_pass'))}, auto {fmt(ms.get('cache_auto'))} ({r.get('cache_route')}) = "
+                  f"{fmt(r.get('cache_step_vs_dense'), '.3f')} x best dense {r.get('best_sdpa')} (fused "
+                  f"{fmt(r.get('cache_fused_vs_dense'), '.3f')}, two passes "
+                  f"{fmt(r.get('cache_two_pass_vs_dense'), '.3f')})")
 
 
 def check_targets(preset, rows):
@@ -219,7 +262,8 @@ def check_targets(preset, rows):
     for key, field, low in (("min_speedup_vs_sdpa", "speedup_vs_sdpa", True),
                             ("max_select_share", "select_share", False),
                             ("min_speedup_vs_flex", "speedup_vs_flex", True),
-                            ("max_dense_vs_sdpa", "dense_lse_vs_sdpa", False)):
+                            ("max_dense_vs_sdpa", "dense_lse_vs_sdpa", False),
+                            ("max_cache_step_vs_dense", "cache_step_vs_dense", False)):
         if key in target and field in row:
             value, bound = row[field], target[key]
             result[field] = (value, bound, value >= bound if low else value <= bound)
@@ -275,7 +319,7 @@ def parse_args(argv=None):
         args.repeats = 10 if args.device == "cuda" else 5
     if args.providers is None:
         skip = set() if args.device == "cuda" else {"sdpa_cudnn"} | (
-            set() if os.environ.get("TRITON_INTERPRET") == "1" else {"dense_lse_triton"})
+            set() if os.environ.get("TRITON_INTERPRET") == "1" else {"dense_lse_triton", "cache_fused"})
         args.providers = ",".join(x for x in ALL_PROVIDERS if x not in skip)
     providers = [x.strip() for x in args.providers.split(",") if x.strip()]
     bad = [x for x in providers if x not in ALL_PROVIDERS]

@@ -9,7 +9,8 @@
    block scheduler gives each program, in launch order, to the first SM that is free.
 2. Kernels launched and bytes moved per attention call: a dense step (the model's SDPA), a cache
    step and a sparse step, old route (separate passes and torch elementwise ops, as before the
-   fused epilogues) against the fused route, counted on meta tensors: every aten/rettn op that
+   fused epilogues) against the fused route (the cache step also as its two-pass route: dense
+   pass with lse, then the statistics launch), counted on meta tensors: every aten/rettn op that
    computes is one kernel; its bytes are each input and output read or written once (compulsory
    traffic: L2 reuse of K/V across query tiles is not counted), and a roofline estimate per
    kernel, max(FLOPs / 60% of 790 TFLOP/s, bytes / 4.3 TB/s) + 3 us launch (an estimate, not a
@@ -39,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rettn  # noqa: E402
 from rettn.ops import attention as att  # noqa: E402
 from rettn.ops import selection  # noqa: E402
+from rettn.ops import _dispatch as dispatch  # noqa: E402
 from rettn.ops import _triton as triton_sparse  # noqa: E402
+from rettn.ops import _triton_cache as triton_cache  # noqa: E402
 from rettn.ops.reference import RHO_FLOOR  # noqa: E402
 
 COGVIDEOX_2B = dict(batch=2, heads=30, seq=17776, text=226, block=128, keep=0.03125, head_dim=64)
@@ -186,6 +189,9 @@ class Counter(TorchDispatchMode):
         """A Triton launch (not run: meta tensors): its tensor arguments read or written once."""
         q, k = launch.args[0], launch.args[1]
         tensors = [a for a in launch.args if isinstance(a, torch.Tensor)]
+        if launch.kernel is not None:  # the one-pass cache step: every key block
+            self.kernels.append(("triton cache_fwd (one pass)", _unique_bytes(tensors), _attention_flops(q, k, 1.0)))
+            return
         dense = launch.constexprs["DENSE"]
         self.kernels.append((f"triton _attn_fwd MODE={launch.constexprs['MODE']}", _unique_bytes(tensors),
                              _attention_flops(q, k, 1.0 if dense else self.density)))
@@ -226,6 +232,14 @@ def _old_cache_step(q, k, v, layout, scale, rdt):
     return out_d, rho, residual, ok
 
 
+def _two_pass_cache_step(q, k, v, layout, scale, rdt):
+    """The cache step's two-pass route (rettn 2026-12-04): the dense pass with lse, then one
+    sparse launch with rho and R in its epilogue."""
+    out_d, lse_d = att.attention_with_lse(q, k, v, scale=scale)
+    rho, residual, ok = dispatch.run_cache_step(q, k, v, layout, scale, "triton", out_d, lse_d, True, rdt, True)
+    return out_d, rho, residual, ok
+
+
 def _old_sparse_step(q, k, v, layout, scale, rho_c, residual, ramp=0.04):
     rho = rho_c.to(q.device)
     rho_c = rho_c + ramp
@@ -251,6 +265,7 @@ def step_counts(batch=2, heads=30, seq=17776, head_dim=64, block=128, dtype=torc
     runs = {
         "dense step": lambda: _dense_flash(q, k, v, scale),
         "cache step, old": lambda: _old_cache_step(q, k, v, layout, scale, dtype),
+        "cache step, two passes": lambda: _two_pass_cache_step(q, k, v, layout, scale, dtype),
         "cache step, fused": lambda: att.cache_step_attention(q, k, v, layout, scale=scale, residual_dtype=dtype,
                                                               check_finite=True, backend="triton"),
         "sparse step, old": lambda: _old_sparse_step(q, k, v, layout, scale, rho, residual),
@@ -263,6 +278,7 @@ def step_counts(batch=2, heads=30, seq=17776, head_dim=64, block=128, dtype=torc
         # once per layout / per stream, not per call: a static layout's launch order, the flag's scratch
         triton_sparse.launch_order(layout, batch, heads, math.ceil(seq / block), block)
         triton_sparse.flag_scratch(meta)
+        triton_cache.sweep_order(layout)  # the one-pass kernel's block order: once per layout
         for name, fn in runs.items():
             with Counter(density) as c:
                 fn()

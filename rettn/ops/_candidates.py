@@ -38,6 +38,11 @@ def triton_reason(q: torch.Tensor, layout) -> str | None:
     return None
 
 
+def tiles_hopper(q) -> bool:
+    cap = device_capability(q.device)
+    return cap is not None and tuple(cap) >= (9, 0)
+
+
 def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
                  default: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Tile shapes (BLOCK_M, BLOCK_N) to time for the Triton kernel, the kernel's default first
@@ -61,10 +66,10 @@ def tile_options(block_q: int, block_k: int, head_dim: int, device_type: str,
 
 @functools.lru_cache(maxsize=64)
 def parse(backend: str) -> tuple[str, object]:
-    """``"triton:128x64"`` -> ("triton", (128, 64)); ``"sdpa:flash"`` -> ("sdpa", "flash");
-    ``"torch"`` -> ("torch", None)."""
+    """``"triton:128x64"`` -> ("triton", (128, 64)) (``"fused:..."`` alike); ``"sdpa:flash"`` ->
+    ("sdpa", "flash"); ``"torch"`` -> ("torch", None)."""
     kind, _, arg = backend.partition(":")
-    if kind == "triton" and arg:
+    if kind in ("triton", "fused") and arg:
         bm, _, bn = arg.partition("x")
         return kind, (int(bm), int(bn))
     return kind, (arg or None)
@@ -74,6 +79,21 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
     """(candidate backend strings, {skipped candidate: reason}) for one call."""
     names, skipped = [], {}
     dev = q.device.type
+    if op == "cache":  # a whole cache step: two passes (the baseline) or the one-pass kernel
+        names.append("dense+stats")
+        reason = "no backward (autograd is on)" if grad else triton_reason(q, layout)
+        if reason is None and dev != "cuda" and not interpreting():
+            reason = "the triton backend needs CUDA tensors"
+        if reason is None:
+            names.append("fused")
+            big = layout.block_k >= 128 and layout.block_q >= 128
+            if dev == "cuda" and big and q.shape[-1] <= 64:
+                names.append("fused:128x128")  # larger key tiles, one program per SM: timed, not assumed
+            elif dev == "cuda" and big and q.shape[-1] <= 128 and tiles_hopper(q):
+                names.append("fused:64x64")  # ~140 registers instead of 255: timed, not assumed
+        else:
+            skipped["fused"] = reason
+        return names, skipped
     if layout is None or full:
         for kname in (("flash", "cudnn", "efficient") if dev == "cuda" else ("cpu",)):
             reason = dense.unsupported_reason(kname, q)
@@ -105,7 +125,9 @@ def default_candidates(op: str, q: torch.Tensor, layout, grad: bool, full: bool)
 
 def default_choice(op: str, q: torch.Tensor, names: list[str]) -> str:
     """What runs without measurement: on CUDA the Triton kernel (dense: flash, then efficient),
-    elsewhere the torch path (dense: PyTorch's CPU flash kernel)."""
+    elsewhere the torch path (dense: PyTorch's CPU flash kernel); a cache step: two passes."""
+    if op == "cache":
+        return "dense+stats"
     if q.device.type == "cuda":
         order = ("sdpa:flash", "sdpa:efficient", "triton", "torch") if op == "dense+lse" else ("triton", "torch")
     else:

@@ -16,6 +16,11 @@ Candidates (:mod:`._candidates`; the backend strings :func:`rettn.ops._dispatch.
   timed calls);
 - ``"torch"``: the gather + batched matmul path (cuBLAS on CUDA): correct everywhere, the
   reference the other candidates are checked against;
+- for a whole cache step (op ``"cache"``, :mod:`._cache_pass`): ``"fused"``, the one-pass Triton
+  kernel (dense output, rho and R from one sweep over every key block; on CUDA at head dim <= 64
+  also ``"fused:128x128"``, larger tiles, and on Hopper at 72-128 ``"fused:64x64"``), against
+  ``"dense+stats"``, the fastest dense kernel with lse (cuDNN on an H200) then the statistics
+  launch; not measured (CPU, capture): ``"dense+stats"``;
 - ``"sdpa:flash"``, ``"sdpa:cudnn"``, ``"sdpa:efficient"`` (CUDA), ``"sdpa:cpu"``: PyTorch's
   dense kernels that return the lse (:mod:`rettn.ops._dense`), for dense attention with lse
   and for layouts that select every block (counted density 1), where dense attention computes
@@ -36,7 +41,7 @@ are listed with source ``"default"``). Both variables are read once, when the de
 created (at the first auto call), never per call.
 
 Keys and cache: the key holds the operation (``sparse``, ``sparse+lse``, ``rescaled``,
-``dense+lse``), device, dtype, (B, H, Sq, Sk, D), the layout's block sizes, the density bucket
+``dense+lse``, ``cache``), device, dtype, (B, H, Sq, Sk, D), the layout's block sizes, the density bucket
 (half-octaves: ``(0.0442, 0.0625]``; ``full`` for a layout that selects every token pair) and
 whether autograd is on. A layout's density is read (one device sync) the first time a layout of
 its shape and index width is seen; later layouts with the same shape and width reuse that bucket,
@@ -73,7 +78,7 @@ from rettn.ops._tiles import triton_installed
 ENV_MEASURE = "RETTN_BACKEND_MEASURE"
 ENV_CACHE = "RETTN_BACKEND_CACHE"
 FILE_FORMAT = "rettn-backend-choices/1"
-OPS = ("sparse", "sparse+lse", "rescaled", "dense+lse")
+OPS = ("sparse", "sparse+lse", "rescaled", "dense+lse", "cache")
 _REFERENCES = ("torch", "sdpa:flash", "sdpa:efficient", "sdpa:cpu")  # agreement baseline, in order
 
 
@@ -156,6 +161,16 @@ class BackendChooser:
             # skips blocks, so it runs the fastest sparse candidate instead (one sync per layout)
             return fallback
         return name
+
+    def resolve_cache(self, q, k, layout, run) -> str:
+        """The route of a whole cache step (op ``"cache"``): ``"fused"``/``"fused:BMxBN"`` (one
+        Triton pass over every key block) or ``"dense+stats"`` (the dense kernel with lse, then the statistics launch);
+        measured at the first call of a key. ``run(name) -> (R or out_dense, rho)``."""
+        key = self.key("cache", q, k, layout, False)
+        found = self._fast.get(key)
+        if found is None:
+            found = self._decide(key, "cache", q, layout, False, run)
+        return found[0]
 
     def lookup(self, op, q, k, layout, grad=False) -> str | None:
         """The stored choice for such a call, or None when none was made yet (measures nothing)."""
@@ -350,3 +365,7 @@ def backend_choices() -> list[dict]:
 
 def resolve(q, k, v, layout, scale, return_lse, rho, residual, run) -> str:
     return default_chooser().resolve(q, k, v, layout, scale, return_lse, rho, residual, run)
+
+
+def resolve_cache(q, k, layout, run) -> str:
+    return default_chooser().resolve_cache(q, k, layout, run)

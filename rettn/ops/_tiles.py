@@ -73,6 +73,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     prefetch: bool = False  # MODE 1: load R before the key loop
+    max_registers: int | None = None  # ptx .maxnreg (None: the compiler's choice)
 
 
 def smem_estimate(cfg: TileConfig, block_d: int, elem: int, capability: tuple[int, int]) -> int:
@@ -103,6 +104,14 @@ _CANDIDATES_32 = {  # fp32: twice the bytes per element
     256: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
 }
 
+# The fused cache step (rettn.ops._triton_cache) holds the selected blocks' output in registers
+# beside its accumulator through the second half of its sweep: 16-bit tiles compiled without
+# spills (rettn.ops.aot, triton 3.7.1), per (Hopper?, padded head dim).
+_FUSED_16 = {
+    True: {128: [(128, 64, 8, 3), (128, 32, 8, 3)], 256: [(64, 32, 8, 3), (32, 32, 4, 3)]},
+    False: {128: [(64, 64, 8, 3), (64, 32, 8, 3)], 256: [(32, 32, 4, 3), (32, 16, 4, 3)]},
+}
+
 
 def block_d_for(head_dim: int) -> int:
     """The head dim padded to a power of two >= 16 (the kernel's lanes)."""
@@ -116,13 +125,16 @@ def tile_config(capability, head_dim: int, dtype: torch.dtype, block_q: int, blo
 
     Tiles divide the layout's blocks and fit the architecture's shared memory (sm_80 163 KB,
     sm_86/89 99 KB, sm_90 227 KB); the sparse step prefetches R into registers before the key
-    loop where registers allow it without spills (16-bit, head dim <= 64, or <= 128 on Hopper)."""
+    loop where registers allow it without spills (16-bit, head dim <= 64, or <= 128 on Hopper).
+    ``mode="fused"`` (the one-pass cache step) takes its own table for head dims over 64."""
     if capability is None:  # interpreter: large tiles are fastest on CPU
         return TileConfig(min(block_q, 128), min(block_k, 128), 4, 1)
     bd = block_d_for(head_dim)
     elem = 4 if dtype == torch.float32 else 2
     hopper = tuple(capability) >= (9, 0)
     candidates = (_CANDIDATES_32 if elem == 4 else _CANDIDATES_16)[bd]
+    if mode == "fused" and elem == 2:
+        candidates = _FUSED_16[hopper].get(bd, candidates)
     if mode in ("step", "cache") and elem == 2 and bd == 128 and not hopper:
         candidates = [(128, 32, 8, 3)] + candidates  # 128 x 64 spills there (R, rho, check in the epilogue)
     limit = smem_limit(capability)
@@ -134,8 +146,12 @@ def tile_config(capability, head_dim: int, dtype: torch.dtype, block_q: int, blo
         chosen = cfg
         if smem_estimate(cfg, bd, elem, capability) <= limit:
             break
+    # the fused cache step at head dim <= 64 on Hopper: 140 registers, held to 128 without spills
+    # (aot: triton 3.7.1), so two 8-warp programs share an SM as the plain kernel's do
+    cap_regs = 128 if mode == "fused" and elem == 2 and hopper and bd <= 64 and chosen.num_warps == 8 else None
     return TileConfig(chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages,
-                      prefetch=mode == "step" and elem == 2 and (bd <= 64 or (bd <= 128 and hopper)))
+                      prefetch=mode == "step" and elem == 2 and (bd <= 64 or (bd <= 128 and hopper)),
+                      max_registers=cap_regs)
 
 
 @functools.lru_cache(maxsize=None)

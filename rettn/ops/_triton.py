@@ -36,7 +36,7 @@ from rettn.ops.reference import RHO_FLOOR
 
 _LOG2E = 1.4426950408889634
 _FLOOR = tl.constexpr(RHO_FLOOR)
-MODES = {"plain": 0, "step": 1, "cache": 2}
+MODES = {"plain": 0, "step": 1, "cache": 2}  # the fused one-pass cache step: rettn.ops._triton_cache
 # Smallest float32 magnitude that rounds (to nearest even) to inf in each dtype: the finite check
 # runs on the float32 value before the store, so it sees what the stored tensor will hold.
 FINITE_LIMIT = {torch.float16: 65520.0, torch.bfloat16: float(2**128 - 2**119), torch.float32: float("inf")}
@@ -218,10 +218,13 @@ class Launch:
     lse: torch.Tensor | None
     rho_out: torch.Tensor | None
     flag: torch.Tensor | None
+    kernel: object = None  # the @triton.jit function (None: attn_fwd; rettn.ops._triton_cache sets its own)
 
     def run(self):
-        attn_fwd[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
-                             num_stages=self.config.num_stages)
+        kernel = attn_fwd if self.kernel is None else self.kernel
+        extra = {} if self.config.max_registers is None else {"maxnreg": self.config.max_registers}
+        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.config.num_warps,
+                          num_stages=self.config.num_stages, **extra)
 
 
 def prepare(

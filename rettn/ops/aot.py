@@ -35,6 +35,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from rettn.errors import InputError
 from rettn.ops import _tiles as tiles
 from rettn.ops import _triton as triton_sparse
+from rettn.ops import _triton_cache as triton_cache
 from rettn.ops.layout import BlockSparseLayout
 
 ARCHS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
@@ -48,7 +49,7 @@ class Case:
     arch: str  # a key of ARCHS
     dtype: str  # a key of DTYPES
     head_dim: int
-    kind: str  # "dense" | "sparse" | "step" (engine sparse step) | "rescaled" | "cache" | "checked"
+    kind: str  # "dense" | "sparse" | "step" (engine sparse step) | "rescaled" | "cache" | "checked" | "fused"
     block: int = 128  # layout block (sparse kinds)
     lse: bool = False  # dense / sparse: return the lse
     seq: int = 4096
@@ -90,6 +91,7 @@ class Result:
     kv_buffers: int
     narrow_loads: int  # ld.global of 2 bytes or less (unvectorised 16-bit loads)
     compile_s: float
+    loop_spills: int = 0  # local-memory loads/stores (STL/LDL) inside a loop of the SASS (the key loop)
 
     def __post_init__(self):
         if isinstance(self.case, dict):
@@ -146,6 +148,9 @@ def _build(case, q, k, v, layout, scale, cap):
         return prep(mode="step", check=True)
     if case.kind == "cache":
         return prep(mode="cache", residual=res, lse_dense=rho, out_dtype=dt, write_rho=True, check=True)
+    if case.kind == "fused":  # the one-pass cache step (rettn.ops._triton_cache), as the engine calls it
+        return triton_cache.prepare(q, k, v, layout, scale, use_rho=True, residual_dtype=dt, check=True,
+                                    capability=cap)
     raise InputError(f"unknown kind {case.kind!r}")
 
 
@@ -154,6 +159,8 @@ def _specialise(fn: JITFunction, launch: triton_sparse.Launch, target: GPUTarget
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.constexprs, num_warps=launch.config.num_warps, num_stages=launch.config.num_stages)
+    if launch.config.max_registers is not None:
+        kwargs["maxnreg"] = launch.config.max_registers
     bound, specialization, options = binder(*launch.args, **kwargs)
     return fn._pack_args(backend, kwargs, bound, specialization, options)
 
@@ -164,6 +171,22 @@ _MEMDESC = re.compile(r"memdesc<(\d+)x(\d+)x(\d+)x(?:bf16|f16|f32)")
 _NARROW = re.compile(r"ld\.global(?:\.[a-z]+)*\.(?:b16|b8|u16|u8)\b")
 
 
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRA = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def loop_spills(sass: str) -> int:
+    """STL/LDL instructions inside a loop: between a backward branch's target and the branch."""
+    instrs = [(int(a, 16), text) for a, text in _SASS.findall(sass)]
+    loops = []
+    for addr, text in instrs:
+        m = _BRA.search(text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(1 for addr, text in instrs if re.search(r"\b(STL|LDL)\b", text)
+               and any(lo <= addr <= hi for lo, hi in loops))
+
+
 def inspect(kernel, case: Case, launch, seconds: float) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -171,6 +194,8 @@ def inspect(kernel, case: Case, launch, seconds: float) -> Result:
             f.write(kernel.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
                                text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
     m = _RESOURCE.search(usage)
     if m is None:
         raise RuntimeError(f"cuobjdump gave no resource usage for {case.name}:\n{usage}")
@@ -187,6 +212,7 @@ def inspect(kernel, case: Case, launch, seconds: float) -> Result:
         smem_estimate=tiles.smem_estimate(cfg, bd, DTYPES[case.dtype].itemsize, cap),
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), cp_async_16=len(_CP16.findall(ptx)),
         kv_buffers=bufs, narrow_loads=len(_NARROW.findall(ptx)), compile_s=seconds,
+        loop_spills=loop_spills(sass),
     )
 
 
@@ -202,7 +228,7 @@ def compile_launch(case: Case, launch: triton_sparse.Launch) -> Result:
         raise RuntimeError(
             "triton was imported with TRITON_INTERPRET=1, so its language library is the interpreter's and "
             "cannot be compiled: compile in a process without it (rettn.ops.aot.compile_in_subprocess)")
-    fn = triton_sparse.attn_fwd
+    fn = triton_sparse.attn_fwd if launch.kernel is None else launch.kernel
     target = GPUTarget("cuda", ARCHS[case.arch][0] * 10 + ARCHS[case.arch][1], 32)
     options, signature, constexprs, attrs = _specialise(fn, launch, target)
     start = time.perf_counter()
@@ -239,10 +265,12 @@ if __name__ == "__main__":
 
 
 def problems(r: Result) -> list[str]:
-    """What is wrong with a compiled 16-bit configuration (empty when it is fine)."""
+    """What is wrong with a compiled 16-bit configuration (empty when it is fine). Spills are a
+    problem in every kind but the one-pass cache step (``fused``), whose register cap (two
+    programs per SM) may leave a few outside its key loops: there, only spills inside a loop are."""
     out = []
-    if r.spills:
-        out.append(f"spills (stack {r.stack} B, local {r.local} B)")
+    if r.spills and (r.case.kind != "fused" or r.loop_spills):
+        out.append(f"spills (stack {r.stack} B, local {r.local} B, {r.loop_spills} in a loop)")
     if r.shared > r.smem_limit:
         out.append(f"shared memory {r.shared} B over the {r.case.arch} limit {r.smem_limit} B")
     if r.case.arch == "sm_90" and r.wgmma == 0:
@@ -268,7 +296,7 @@ def full_matrix(archs=("sm_80", "sm_86", "sm_90"), dtypes=("bf16", "fp16"), head
                 for block in (64, 128):
                     for lse in (False, True):
                         cases.append(Case(arch, dt, d, "sparse", block, lse=lse))
-                    for kind in ("step", "rescaled", "checked", "cache"):
+                    for kind in ("step", "rescaled", "checked", "cache", "fused"):
                         cases.append(Case(arch, dt, d, kind, block))
                 if d in (64, 72):  # broadcast layouts (window patterns) and a sequence tail
                     cases.append(Case(arch, dt, d, "step", 128, broadcast=True))

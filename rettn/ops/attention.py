@@ -17,6 +17,7 @@ import torch
 
 from rettn.errors import InputError, InputTypeError
 from rettn.ops import _dispatch as ops
+from rettn.ops._cache_pass import cache_pass_outputs
 from rettn.ops._checks import check_layout, check_qkv, check_stat, resolve_scale
 from rettn.ops._choice import backend_choices  # noqa: F401 - public
 from rettn.ops._dispatch import BACKENDS, auto_backend, resolve_backend  # noqa: F401 - public / reports, tests
@@ -131,10 +132,14 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
 
     Returns ``(out_dense, rho, residual, finite)``: ``rho`` (B, H, Sq) float32 or None without
     ``use_rho``, ``residual`` or None without ``use_residual``, ``finite`` a 0-d bool tensor (True
-    when ``out_dense`` is all finite; no sync) or None unless ``check_finite``. On the Triton
-    backend the statistics are one sparse launch after the dense pass (rho and R in its epilogue;
-    the sparse output is never stored); other backends compute them with torch after the kernels.
-    Under ``torch.compile`` the statistics are the custom op ``rettn::cache_step``.
+    when ``out_dense`` is all finite; no sync) or None unless ``check_finite``.
+
+    Routes: on the Triton backend one launch sweeps every key block once and writes the dense
+    output, rho and R (:mod:`rettn.ops._triton_cache`: the cache step at the cost of a dense
+    pass); ``backend=None`` on CUDA times that against the fastest dense kernel with lse plus the
+    statistics launch and keeps the faster (op ``"cache"`` in :func:`rettn.backend_choices`); on
+    CPU, and on the ``"torch"``/``"flex"`` backends, the dense pass then the statistics. Under
+    ``torch.compile`` the whole step is the custom op ``rettn::cache_pass``.
     """
     check_qkv(q, k, v)
     check_layout(layout, q, k)
@@ -142,17 +147,20 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
     if residual_dtype is not None and residual_dtype not in _RESIDUAL_DTYPES:
         raise InputTypeError(f"residual_dtype must be one of {_RESIDUAL_DTYPES} or None, got {residual_dtype!r}")
     backend = resolve_backend(backend, q, layout)
-    out_dense, lse_dense = attention_with_lse(q, k, v, scale=scale)
     rdt = (residual_dtype or q.dtype) if use_residual else None
     if not use_rho and rdt is None:  # nothing to cache: only the finite check
+        out_dense, _ = attention_with_lse(q, k, v, scale=scale)
         return out_dense, None, None, (torch.isfinite(out_dense).all() if check_finite else None)
-    args = (q, k, v, layout, scale, backend, out_dense, lse_dense, bool(use_rho), rdt, bool(check_finite))
-    if not torch.compiler.is_compiling() or ops.needs_autograd(q, k, v):
-        rho, residual, ok = ops.cache_step_outputs(*args)  # eager: no custom-op dispatch
+    if ops.needs_autograd(q, k, v):  # the kernels have no backward: the dense pass's autograd route
+        out_dense, lse_dense = attention_with_lse(q, k, v, scale=scale)
+        rho, residual, ok = ops.cache_step_outputs(q, k, v, layout, scale, backend,
+                                                   out_dense, lse_dense, bool(use_rho), rdt, bool(check_finite))
+    elif not torch.compiler.is_compiling():
+        out_dense, rho, residual, ok = cache_pass_outputs(q, k, v, layout, scale, backend, bool(use_rho), rdt,
+                                                          bool(check_finite))  # eager: no custom-op dispatch
     else:
-        rho, residual, ok = torch.ops.rettn.cache_step(
-            q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, *args[4:])
+        out_dense, rho, residual, ok = torch.ops.rettn.cache_pass(
+            q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_q, layout.block_k, scale, backend,
+            bool(use_rho), rdt, bool(check_finite))
     return (out_dense, rho if use_rho else None, residual if rdt is not None else None,
             ok if check_finite else None)
-
-
