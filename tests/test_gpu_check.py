@@ -190,7 +190,7 @@ def test_rehearsal_runs_every_step(tmp_path):
 
     # every GPU step launches rettn's Triton kernel; each launch is mapped to the GPU's tiles
     k = summary["kernels"]
-    for name in STEPS - {"install"}:
+    for name in STEPS - {"install", "select"}:  # selection is torch ops: no Triton launch
         step = k["per_step"][name]
         assert step["count"] >= 1 and not step["unmapped"] and not step["replay_errors"], (name, step)
     assert k["distinct"] == len(k["keys"]) >= 8
