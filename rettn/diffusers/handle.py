@@ -20,6 +20,8 @@ from rettn.diffusers.processor import (
     OTHER,
     RettnProcessor,
     attention_modules,
+    diffusers_attention,
+    masked_or_dense,
     set_processor,
     wrapper_class,
 )
@@ -76,6 +78,9 @@ class RettnHandle:
             raise UnsupportedModelError(f"found no self-attention modules to sparsify in {type(self.model).__name__}")
         self.engine = Engine(config, n_sparse, self.family.name, rising_timesteps=self.family.timestep == "rising",
                              timestep_end=self.family.timestep_end)
+        self.engine.dense_hook = diffusers_attention  # dense steps of a model on a non-SDPA backend
+        # a masked call under torch.compile, decided inside rettn::attend on the real mask
+        self.engine.mask_hook = lambda *call: masked_or_dense(self, *call)
         # Slots: self-attention layers are numbered 0.. in model order (what skip_layers refers
         # to); the other modules follow them; a second transformer's slots follow the first's.
         next_id = 0
