@@ -179,8 +179,12 @@ def test_bench_compile_script_runs(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "compile.json"
     assert bench.main(["--arch", "pixart-sigma", "--layers", "1", "--height", "128", "--width", "128",
-                       "--steps", "3", "--compile-backend", "aot_eager", "--device", "cpu",
+                       "--steps", "3", "--min-seq-len", "0", "--compile-backend", "aot_eager", "--device", "cpu",
                        "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"dense eager", "dense compiled", "rettn eager", "rettn compiled"}
     assert all(v > 0 for v in report["ratios"].values())
+    # the dense baseline runs rettn's dense kernel (CPU: PyTorch's CPU flash kernel), named
+    assert report["dense_backend"] == "sdpa:cpu"
+    assert report["results"]["rettn compiled"]["dense_backend"] == "sdpa:cpu"
+    assert report["graphs"]["rettn"] == report["graphs"]["dense"]  # no recompile per step kind
