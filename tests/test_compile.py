@@ -163,6 +163,7 @@ def test_compiled_transformer_matches_eager(family, how, batch):
     if batch > 1:  # the padded sample ran on its own rows, inside the op
         assert {key[2] for key in handle.engine.cache} == {0, 1}
     assert stats.dense_backend == "sdpa:cpu"  # rettn's own dense steps: PyTorch's CPU flash kernel
+    assert "dense steps on sdpa:cpu" in str(handle.describe())
     handle.remove()
 
 
