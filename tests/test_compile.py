@@ -23,11 +23,14 @@ CONFIG = dict(keep=0.25, block_size=32, warmup=1, refresh_interval=3, dense_fina
               num_inference_steps=len(TIMESTEPS), min_seq_len=0)
 
 
-def _run(model, inputs):
+def _run(model, inputs, calls=1):
+    """One generation; ``calls=2``: two transformer calls per step (CFG as two calls, as Wan's
+    pipeline does: rettn keeps a CFG branch each)."""
     outs = []
     with torch.no_grad():
         for t in TIMESTEPS:
-            outs.append(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})[0])
+            for _ in range(calls):
+                outs.append(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})[0])
     return outs
 
 
@@ -81,7 +84,7 @@ def test_ops_compile_without_graph_break():
     torch.testing.assert_close(compiled[1], eager[1])
 
 
-def _dense_compiled_graphs(family, how, inputs_kw, model_kw):
+def _dense_compiled_graphs(family, how, inputs_kw, model_kw, calls=1):
     """Graphs a compiled model WITHOUT rettn needs over the same run (CogVideoX: two, for the two
     strides its blocks' ``hidden_states`` arrive with): what rettn may cost at most."""
     torch._dynamo.reset()
@@ -89,7 +92,7 @@ def _dense_compiled_graphs(family, how, inputs_kw, model_kw):
     model = tiny_transformer(family, 0, qk_gain=8.0, **model_kw)
     inputs = tiny_inputs(family, model, **inputs_kw)
     _compile(model, how)
-    _run(model, inputs)
+    _run(model, inputs, calls)
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     counters.clear()
@@ -110,7 +113,8 @@ def test_compiled_transformer_matches_eager(family, how, batch):
     """CogVideoX (processor calls F.scaled_dot_product_attention) and Wan (diffusers'
     dispatch_attention_fn) compiled block by block, as diffusers' regional compilation does;
     Flux compiled whole. fullgraph=True: any graph break is an error. HunyuanVideo with a batch of
-    two whose second sample pads its text: a key-padding mask, split by rows inside the op.
+    two whose second sample pads its text: a key-padding mask, split by rows inside the op. Wan
+    with two transformer calls per step (CFG as two calls: two branches of statistics).
 
     The schedule runs dense, cache and sparse steps (D C S S C S S), the selection changes from
     step to step (reselect="step"), and the recompile limit is the number of graphs the same
@@ -118,7 +122,8 @@ def test_compiled_transformer_matches_eager(family, how, batch):
     branch is made inside rettn's attention op, where Dynamo does not guard on it. So rettn
     compiles exactly as many graphs as dense does, and a second generation compiles nothing."""
     model_kw = {"num_layers": 4} if family == "cogvideox" else {}
-    dense_graphs = _dense_compiled_graphs(family, how, dict(batch=batch), model_kw)
+    calls = 2 if family == "wan" else 1
+    dense_graphs = _dense_compiled_graphs(family, how, dict(batch=batch), model_kw, calls)
     assert 1 <= dense_graphs <= 2
 
     model = tiny_transformer(family, 0, qk_gain=8.0, **model_kw)
@@ -136,7 +141,7 @@ def test_compiled_transformer_matches_eager(family, how, batch):
 
     selection.topk = recording_topk
     try:
-        eager = _run(model, inputs)
+        eager = _run(model, inputs, calls)
     finally:
         selection.topk = real_topk
     kinds = handle.stats().kinds()
@@ -146,7 +151,7 @@ def test_compiled_transformer_matches_eager(family, how, batch):
     _compile(model, how)
     # a recompile beyond dense's count is an error (not a silent fall back to eager)
     with torch._dynamo.config.patch(recompile_limit=dense_graphs, fail_on_recompile_limit_hit=True):
-        compiled = _run(model, inputs)
+        compiled = _run(model, inputs, calls)
         assert handle.stats().kinds() == kinds
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -154,12 +159,14 @@ def test_compiled_transformer_matches_eager(family, how, batch):
         assert graphs == dense_graphs, dict(counters["stats"])
         assert not counters["graph_break"]
 
-        compiled_again = _run(model, inputs)  # a second generation: nothing new to compile
+        compiled_again = _run(model, inputs, calls)  # a second generation: nothing new to compile
     assert counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(eager, compiled_again):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     stats = handle.stats()
     assert stats.kinds() == kinds and stats.mean_density() < 1.0  # it did run sparse
+    if calls > 1:  # statistics per CFG branch
+        assert {key[1] for key in handle.engine.cache} == {0, 1}
     if batch > 1:  # the padded sample ran on its own rows, inside the op
         assert {key[2] for key in handle.engine.cache} == {0, 1}
     assert stats.dense_backend == "sdpa:cpu"  # rettn's own dense steps: PyTorch's CPU flash kernel
