@@ -32,7 +32,6 @@ from rettn.ops.attention import (
     cache_step_attention,
     dense_attention,
     dense_backend,
-    needs_autograd,
     sparse_step_attention,
 )
 from rettn.ops.layout import BlockSparseLayout
@@ -323,7 +322,8 @@ class Engine:
                     observer.on_call(q, k, v, scale, info)
             slot.pending.append(SKIPPED if slot.skip else SHORT)
             return None
-        if torch.compiler.is_compiling() and not needs_autograd(q, k, v):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if torch.compiler.is_compiling() and not grad:  # (no autograd through the op: traced as Python)
             return attend_op.call(slot, q, k, v, scale, info, mask)
         if mask is not None:
             return self.mask_hook(q, k, v, mask, scale, info)

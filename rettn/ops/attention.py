@@ -18,8 +18,8 @@ import torch
 from rettn.errors import InputError, InputTypeError
 from rettn.ops import _dispatch as ops
 from rettn.ops._checks import check_layout, check_qkv, check_stat, resolve_scale
-from rettn.ops._choice import backend_choices, default_chooser  # noqa: F401 - public
-from rettn.ops._dispatch import BACKENDS, auto_backend, needs_autograd, resolve_backend  # noqa: F401 - public / reports, tests
+from rettn.ops._choice import backend_choices  # noqa: F401 - public
+from rettn.ops._dispatch import BACKENDS, auto_backend, resolve_backend  # noqa: F401 - public / reports, tests
 from rettn.ops._tiles import triton_installed  # noqa: F401 - public (the CLI asks it)
 
 
@@ -156,8 +156,6 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
             ok if check_finite else None)
 
 
-
-
 # ------------------------------------------------------------------ dense attention, fastest kernel
 def dense_attention(q, k, v, scale=None):
     """Dense attention on the kernel :func:`attention_with_lse` (``backend=None``) chooses: on
@@ -173,6 +171,8 @@ def dense_backend(q, k) -> str:
     """The kernel :func:`dense_attention` runs for such q, k (``"sdpa:cudnn"``, ``"sdpa:cpu"``,
     ``"torch"``...), or ``"auto"`` while the first call of this shape has not chosen yet.
     Measures nothing."""
+    from rettn.ops._choice import default_chooser
+
     name = ops.auto_dense(q)
     if name == "auto":
         name = default_chooser().lookup("dense+lse", q, k, None) or "auto"
