@@ -67,6 +67,38 @@ def test_custom_op_fake_and_schema():
     assert out.stride() == qt.stride()  # the op returns q's strides, as its fake says
 
 
+def test_attend_op_schema_fake_and_engine_state():
+    """rettn::attend (one op per attention call): opcheck's schema, fake and AOT checks at a dense
+    step (deterministic output); then the same op at cache and sparse steps matches the engine's
+    eager calls and updates the layer's state, found through the slot's token tensor."""
+    from rettn.core.attend_op import call as op_call
+    from rettn.core.engine import CallInfo, Engine
+    from rettn.core.config import RettnConfig
+
+    q, k, v = qkv(1, 2, 128, 16, seed=7)
+    cfg = RettnConfig(keep=0.25, block_size=32, warmup=1, refresh_interval=3, min_seq_len=0, ramp=0.0)
+    eager, compiled = (Engine(cfg, n_layers=1, family="test") for _ in range(2))
+    outs = {}
+    for name, eng in (("eager", eager), ("op", compiled)):
+        slot = eng.slot(0)
+        info = CallInfo(kind="self", slot=slot, dense_spans=[(0, 10)])
+        outs[name] = []
+        for t in (900.0, 800.0, 700.0):  # dense, cache, sparse
+            eng.on_forward(t)
+            if name == "eager":
+                outs[name].append(eng.attend(q, k, v, 0.25, info))
+            else:
+                if t == 900.0:
+                    args = (q, k, v, None, slot.token, 0.25, "self", [0, 10], [], [], 0, -1, 0, "")
+                    torch.library.opcheck(torch.ops.rettn.attend.default, args)
+                outs[name].append(op_call(slot, q, k, v, 0.25, info))
+    for a, b in zip(outs["eager"], outs["op"]):
+        torch.testing.assert_close(b, a)
+    assert compiled.stats().kinds() == ["dense", "cache", "sparse"]
+    assert list(compiled.cache) == list(eager.cache) == [(0, 0, None)]
+    assert compiled.stats().dense_backend == "sdpa:cpu"
+
+
 def test_ops_compile_without_graph_break():
     """The public ops inside a fullgraph-compiled function: no break, same numbers as eager."""
     q, k, v = qkv(2, 2, 130, 16, seed=3)
