@@ -82,8 +82,9 @@ def attend(
                     text_first=text_first, row=None if row < 0 else row, slot=slot, key_spans=_pairs(key_spans),
                     call=call, dense_with=dense_with or None)
     out = engine.decide(q, k, v, scale, info, slot, mask)
-    if out.stride() != q.stride() or out is q or out is k or out is v:
-        out = torch.empty_like(q).copy_(out)  # the layout the fake promises; never an input
+    # the layout the fake promises (empty_like(q): q's strides when q is dense), never an input
+    if out is q or out is k or out is v or out.stride() != torch.empty_like(q, device="meta").stride():
+        out = torch.empty_like(q).copy_(out)
     return out
 
 
