@@ -152,9 +152,21 @@ def main(argv=None) -> int:
         for mode in ("rettn", "dense"):  # rettn first: its dense chooser names the dense kernel
             handle = rettn.apply_rettention(model, config) if mode == "rettn" else None
             before = counters["stats"]["unique_graphs"]
+            forced = dense_kernel if mode == "dense" and args.dense_baseline == "fastest" else None
+            # (CPU: torch's SDPA already runs the CPU flash kernel, rettn's "sdpa:cpu")
+            baseline = (forced if forced in (*_SDPA_KERNELS, "sdpa:cpu") else "torch default") if mode == "dense" else None
             try:
-                with forced_kernel(dense_kernel if mode == "dense" and args.dense_baseline == "fastest" else None):
-                    first = generation()  # compiles (compiled) / warms caches (eager): not counted
+                try:
+                    with forced_kernel(forced):
+                        first = generation()  # compiles (compiled) / warms caches (eager): not counted
+                        times = [generation() for _ in range(args.repeats)]
+                except Exception as e:  # noqa: BLE001 - the forced kernel failed: torch's default, said
+                    if forced not in _SDPA_KERNELS:
+                        raise
+                    print(f"dense on {forced} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "torch's default SDPA instead", flush=True)
+                    baseline = f"torch default ({forced} failed)"
+                    first = generation()
                     times = [generation() for _ in range(args.repeats)]
                 stats = handle.stats() if handle else None
             finally:
@@ -168,8 +180,7 @@ def main(argv=None) -> int:
             label = f"{mode} {'compiled' if compiled else 'eager'}"
             results[label] = {"first_s": first, "median_s": statistics.median(times), "runs_s": times,
                               "density": stats.mean_density() if stats else None,
-                              "dense_backend": (stats.dense_backend if stats else
-                                                (args.dense_baseline == "fastest" and dense_kernel) or "torch default")}
+                              "dense_backend": stats.dense_backend if stats else baseline}
             if compiled:
                 graphs[mode] = counters["stats"]["unique_graphs"] - before
             print(f"{label:15s} {results[label]['median_s']:8.3f} s per generation (first run {first:.1f} s, "

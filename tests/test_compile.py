@@ -226,5 +226,5 @@ def test_bench_compile_script_runs(tmp_path):
     assert all(v > 0 for v in report["ratios"].values())
     # the dense baseline runs rettn's dense kernel (CPU: PyTorch's CPU flash kernel), named
     assert report["dense_backend"] == "sdpa:cpu"
-    assert report["results"]["rettn compiled"]["dense_backend"] == "sdpa:cpu"
+    assert {r["dense_backend"] for r in report["results"].values()} == {"sdpa:cpu"}
     assert report["graphs"]["rettn"] == report["graphs"]["dense"]  # no recompile per step kind
