@@ -18,6 +18,7 @@ from collections import Counter
 
 import torch
 
+from rettn.core import attend_op
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
@@ -26,7 +27,6 @@ from rettn.core.stats import Stats, StepRecord
 from rettn.core.tracking import StepTracker, progress_kind
 from rettn.errors import ConfigError, NumericalError
 from rettn.ops import selection
-from rettn.core import attend_op
 from rettn.ops.attention import (
     backend_choices,
     cache_step_attention,

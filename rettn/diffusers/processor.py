@@ -90,9 +90,10 @@ def _suffix_valid_lengths(mask, batch, seq_k):
 
 
 def diffusers_attention(q, k, v, scale, backend: str, **kwargs):
-    """The model's own attention through diffusers' backend ``backend`` (one that does not call
-    torch's SDPA), on (B, H, S, D) tensors; the engine's ``dense_hook`` (rettn's dense steps run
-    the user's chosen backend, not rettn's dense chooser)."""
+    """The model's own attention through diffusers' backend ``backend`` on (B, H, S, D) tensors:
+    a wrapped call's fallback when that backend does not call torch's SDPA, and the engine's
+    ``dense_hook`` (rettn's dense steps on the backend the user chose with
+    ``set_attention_backend``, not rettn's dense chooser)."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
