@@ -8,6 +8,14 @@ diffusers' ``compile_repeated_blocks`` does); the attention kernels stay rettn's
 Every variant runs once untimed first (compilation, autotuning, caches), then --repeats timed
 generations; the report gives the median seconds per generation and the ratios.
 
+The dense baseline runs on the dense kernel rettn's own dense steps run (``--dense-baseline
+fastest``, the default): the one rettn's dense chooser measured fastest in the rettn eager run
+(e.g. cuDNN on an H200, where torch's default SDPA picks flash), forced on the model's SDPA with
+``torch.nn.attention.sdpa_kernel``; ``--dense-baseline model`` leaves torch's default pick. The
+report names it (``dense_backend``), so every ratio says what it is against. Compiled rettn
+compiles as many graphs as compiled dense (``rettn::attend`` decides the step kind inside the
+op); the report counts both (``graphs``).
+
 Fewer steps than the model's own (e.g. --steps 10 of CogVideoX-2B's 50) keep the preset's
 schedule in shape: the warm-up stays a fraction of the steps, the refresh interval keeps its
 length in steps at the model's step count (5 of 50), so 10 steps are 3 dense, 2 cache and 5
@@ -21,6 +29,7 @@ sparse steps. A schedule without a sparse step is an error (nothing of rettn's w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -28,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,6 +67,19 @@ def _blocks(model):
             yield block
 
 
+_SDPA_KERNELS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:cudnn": "CUDNN_ATTENTION",
+                 "sdpa:efficient": "EFFICIENT_ATTENTION"}
+
+
+def forced_kernel(name: str | None):
+    """``sdpa_kernel`` forcing torch's SDPA onto rettn's dense kernel ``name`` (``"sdpa:cudnn"``...);
+    a no-op for any other name (CPU: the model's SDPA already runs the CPU flash kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = _SDPA_KERNELS.get(name or "")
+    return sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext()
+
+
 def schedule_config(config: RettnConfig, steps: int, model_steps: int) -> RettnConfig:
     """``config`` for a run of ``steps`` steps with the schedule's shape at ``model_steps``: a
     refresh interval given as a fraction becomes its length in steps at ``model_steps``; the
@@ -83,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help="rettn preset (default: the model's)")
     add_config_flags(ap, CONFIG_FIELDS, title="rettn (override the preset)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
+    ap.add_argument("--dense-baseline", choices=("fastest", "model"), default="fastest",
+                    help="dense variants on the kernel rettn's dense chooser picks (default) or torch's default")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--json", default=None)
@@ -118,27 +143,49 @@ def main(argv=None) -> int:
         _sync(device)
         return time.perf_counter() - t0
 
-    results = {}
+    results, graphs, dense_kernel = {}, {}, None
     for compiled in (False, True):
         if compiled:
+            torch._dynamo.reset()
             for block in _blocks(model):
                 block.compile(backend=args.compile_backend, fullgraph=True)
-        for mode in ("dense", "rettn"):
+        for mode in ("rettn", "dense"):  # rettn first: its dense chooser names the dense kernel
             handle = rettn.apply_rettention(model, config) if mode == "rettn" else None
+            before = counters["stats"]["unique_graphs"]
+            forced = dense_kernel if mode == "dense" and args.dense_baseline == "fastest" else None
+            # (CPU: torch's SDPA already runs the CPU flash kernel, rettn's "sdpa:cpu")
+            baseline = (forced if forced in (*_SDPA_KERNELS, "sdpa:cpu") else "torch default") if mode == "dense" else None
             try:
-                first = generation()  # compiles (compiled) / warms caches (eager): not counted
-                times = [generation() for _ in range(args.repeats)]
-                density = handle.stats().mean_density() if handle else None
-                ran = handle.stats().kinds()[-steps:] if handle else None
+                try:
+                    with forced_kernel(forced):
+                        first = generation()  # compiles (compiled) / warms caches (eager): not counted
+                        times = [generation() for _ in range(args.repeats)]
+                except Exception as e:  # noqa: BLE001 - the forced kernel failed: torch's default, said
+                    if forced not in _SDPA_KERNELS:
+                        raise
+                    print(f"dense on {forced} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "torch's default SDPA instead", flush=True)
+                    baseline = f"torch default ({forced} failed)"
+                    first = generation()
+                    times = [generation() for _ in range(args.repeats)]
+                stats = handle.stats() if handle else None
             finally:
                 if handle:
                     handle.remove()
+            ran = stats.kinds()[-steps:] if stats else None
             if ran is not None and ran != kinds:
                 raise RuntimeError(f"the rettn run's step kinds {ran} differ from the schedule's {kinds}")
+            if stats is not None and dense_kernel is None:
+                dense_kernel = stats.dense_backend
             label = f"{mode} {'compiled' if compiled else 'eager'}"
             results[label] = {"first_s": first, "median_s": statistics.median(times), "runs_s": times,
-                              "density": density}
-            print(f"{label:15s} {results[label]['median_s']:8.3f} s per generation (first run {first:.1f} s)", flush=True)
+                              "density": stats.mean_density() if stats else None,
+                              "dense_backend": stats.dense_backend if stats else baseline}
+            if compiled:
+                graphs[mode] = counters["stats"]["unique_graphs"] - before
+            print(f"{label:15s} {results[label]['median_s']:8.3f} s per generation (first run {first:.1f} s, "
+                  f"dense kernel {results[label]['dense_backend']})", flush=True)
+    print(f"graphs compiled: rettn {graphs['rettn']}, dense {graphs['dense']}", flush=True)
 
     def ratio(a, b):
         return results[a]["median_s"] / results[b]["median_s"]
@@ -152,7 +199,8 @@ def main(argv=None) -> int:
     for name, value in ratios.items():
         print(f"{name:25s} {value:.2f}x")
     if args.json:
-        report = {"arch": spec.name, "grid": list(grid), "seq": seq, "steps": steps, "layers": args.layers,
+        report = {"dense_baseline": args.dense_baseline, "dense_backend": dense_kernel, "graphs": graphs,
+                  "arch": spec.name, "grid": list(grid), "seq": seq, "steps": steps, "layers": args.layers,
                   "schedule": {"kinds": kinds, "counts": counts}, "config": dict(vars(config)), "dtype": str(dtype),
                   "compile_backend": args.compile_backend, "results": results, "ratios": ratios,
                   "environment": environment(device), "command": " ".join(sys.argv)}

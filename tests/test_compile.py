@@ -23,11 +23,14 @@ CONFIG = dict(keep=0.25, block_size=32, warmup=1, refresh_interval=3, dense_fina
               num_inference_steps=len(TIMESTEPS), min_seq_len=0)
 
 
-def _run(model, inputs):
+def _run(model, inputs, calls=1):
+    """One generation; ``calls=2``: two transformer calls per step (CFG as two calls, as Wan's
+    pipeline does: rettn keeps a CFG branch each)."""
     outs = []
     with torch.no_grad():
         for t in TIMESTEPS:
-            outs.append(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})[0])
+            for _ in range(calls):
+                outs.append(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})[0])
     return outs
 
 
@@ -64,6 +67,38 @@ def test_custom_op_fake_and_schema():
     assert out.stride() == qt.stride()  # the op returns q's strides, as its fake says
 
 
+def test_attend_op_schema_fake_and_engine_state():
+    """rettn::attend (one op per attention call): opcheck's schema, fake and AOT checks at a dense
+    step (deterministic output); then the same op at cache and sparse steps matches the engine's
+    eager calls and updates the layer's state, found through the slot's token tensor."""
+    from rettn.core.attend_op import call as op_call
+    from rettn.core.engine import CallInfo, Engine
+    from rettn.core.config import RettnConfig
+
+    q, k, v = qkv(1, 2, 128, 16, seed=7)
+    cfg = RettnConfig(keep=0.25, block_size=32, warmup=1, refresh_interval=3, min_seq_len=0, ramp=0.0)
+    eager, compiled = (Engine(cfg, n_layers=1, family="test") for _ in range(2))
+    outs = {}
+    for name, eng in (("eager", eager), ("op", compiled)):
+        slot = eng.slot(0)
+        info = CallInfo(kind="self", slot=slot, dense_spans=[(0, 10)])
+        outs[name] = []
+        for t in (900.0, 800.0, 700.0):  # dense, cache, sparse
+            eng.on_forward(t)
+            if name == "eager":
+                outs[name].append(eng.attend(q, k, v, 0.25, info))
+            else:
+                if t == 900.0:
+                    args = (q, k, v, None, slot.token, 0.25, "self", [0, 10], [], [], 0, -1, 0, "")
+                    torch.library.opcheck(torch.ops.rettn.attend.default, args)
+                outs[name].append(op_call(slot, q, k, v, 0.25, info))
+    for a, b in zip(outs["eager"], outs["op"]):
+        torch.testing.assert_close(b, a)
+    assert compiled.stats().kinds() == ["dense", "cache", "sparse"]
+    assert list(compiled.cache) == list(eager.cache) == [(0, 0, None)]
+    assert compiled.stats().dense_backend == "sdpa:cpu"
+
+
 def test_ops_compile_without_graph_break():
     """The public ops inside a fullgraph-compiled function: no break, same numbers as eager."""
     q, k, v = qkv(2, 2, 130, 16, seed=3)
@@ -81,13 +116,50 @@ def test_ops_compile_without_graph_break():
     torch.testing.assert_close(compiled[1], eager[1])
 
 
-@pytest.mark.parametrize("family,how", [("cogvideox", "blocks"), ("wan", "blocks"), ("flux", "whole")])
-def test_compiled_transformer_matches_eager(family, how):
+def _dense_compiled_graphs(family, how, inputs_kw, model_kw, calls=1):
+    """Graphs a compiled model WITHOUT rettn needs over the same run (CogVideoX: two, for the two
+    strides its blocks' ``hidden_states`` arrive with): what rettn may cost at most."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_transformer(family, 0, qk_gain=8.0, **model_kw)
+    inputs = tiny_inputs(family, model, **inputs_kw)
+    _compile(model, how)
+    _run(model, inputs, calls)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    return graphs
+
+
+def _compile(model, how):
+    if how == "blocks":  # regional compilation, as diffusers' compile_repeated_blocks does
+        for block in _blocks(model):
+            block.compile(backend="aot_eager", fullgraph=True)
+    else:
+        model.compile(backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("family,how,batch", [("cogvideox", "blocks", 1), ("wan", "blocks", 1),
+                                              ("hunyuanvideo", "blocks", 2), ("flux", "whole", 1)])
+def test_compiled_transformer_matches_eager(family, how, batch):
     """CogVideoX (processor calls F.scaled_dot_product_attention) and Wan (diffusers'
     dispatch_attention_fn) compiled block by block, as diffusers' regional compilation does;
-    Flux compiled whole. fullgraph=True: any graph break is an error."""
-    model = tiny_transformer(family, 0, qk_gain=8.0, **({"num_layers": 4} if family == "cogvideox" else {}))
-    inputs = tiny_inputs(family, model, batch=1)
+    Flux compiled whole. fullgraph=True: any graph break is an error. HunyuanVideo with a batch of
+    two whose second sample pads its text: a key-padding mask, split by rows inside the op. Wan
+    with two transformer calls per step (CFG as two calls: two branches of statistics).
+
+    The schedule runs dense, cache and sparse steps (D C S S C S S), the selection changes from
+    step to step (reselect="step"), and the recompile limit is the number of graphs the same
+    model compiled WITHOUT rettn needs: every decision that differs per step kind, layer or CFG
+    branch is made inside rettn's attention op, where Dynamo does not guard on it. So rettn
+    compiles exactly as many graphs as dense does, and a second generation compiles nothing."""
+    model_kw = {"num_layers": 4} if family == "cogvideox" else {}
+    calls = 2 if family == "wan" else 1
+    dense_graphs = _dense_compiled_graphs(family, how, dict(batch=batch), model_kw, calls)
+    assert 1 <= dense_graphs <= 2
+
+    model = tiny_transformer(family, 0, qk_gain=8.0, **model_kw)
+    inputs = tiny_inputs(family, model, batch=batch)
     handle = rettn.apply_rettention(model, reselect="step", **CONFIG)
 
     # the eager run, recording the blocks top-k selects at each step
@@ -101,32 +173,36 @@ def test_compiled_transformer_matches_eager(family, how):
 
     selection.topk = recording_topk
     try:
-        eager = _run(model, inputs)
+        eager = _run(model, inputs, calls)
     finally:
         selection.topk = real_topk
     kinds = handle.stats().kinds()
     assert kinds == ["dense", "cache", "sparse", "sparse", "cache", "sparse", "sparse"]
     assert len({tuple(c.flatten().tolist()) for c in chosen}) > 1  # the selection does change
 
-    if how == "blocks":
-        for block in _blocks(model):
-            block.compile(backend="aot_eager", fullgraph=True)
-    else:
-        model.compile(backend="aot_eager", fullgraph=True)
-    compiled = _run(model, inputs)
-    assert handle.stats().kinds() == kinds
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    graphs = counters["stats"]["unique_graphs"]
-    # one graph per step kind (+ the first cache step, whose layer state is still empty, and at
-    # most one for the model's own input strides), however many layers and steps there are
-    assert 3 <= graphs <= 5, dict(counters["stats"])
-    assert not counters["graph_break"]
+    _compile(model, how)
+    # a recompile beyond dense's count is an error (not a silent fall back to eager)
+    with torch._dynamo.config.patch(recompile_limit=dense_graphs, fail_on_recompile_limit_hit=True):
+        compiled = _run(model, inputs, calls)
+        assert handle.stats().kinds() == kinds
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == dense_graphs, dict(counters["stats"])
+        assert not counters["graph_break"]
 
-    compiled_again = _run(model, inputs)  # a second generation: nothing new to compile
+        compiled_again = _run(model, inputs, calls)  # a second generation: nothing new to compile
     assert counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(eager, compiled_again):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    stats = handle.stats()
+    assert stats.kinds() == kinds and stats.mean_density() < 1.0  # it did run sparse
+    if calls > 1:  # statistics per CFG branch
+        assert {key[1] for key in handle.engine.cache} == {0, 1}
+    if batch > 1:  # the padded sample ran on its own rows, inside the op
+        assert {key[2] for key in handle.engine.cache} == {0, 1}
+    assert stats.dense_backend == "sdpa:cpu"  # rettn's own dense steps: PyTorch's CPU flash kernel
+    assert "dense steps on sdpa:cpu" in str(handle.describe())
     handle.remove()
 
 
@@ -143,8 +219,12 @@ def test_bench_compile_script_runs(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "compile.json"
     assert bench.main(["--arch", "pixart-sigma", "--layers", "1", "--height", "128", "--width", "128",
-                       "--steps", "3", "--compile-backend", "aot_eager", "--device", "cpu",
+                       "--steps", "3", "--min-seq-len", "0", "--compile-backend", "aot_eager", "--device", "cpu",
                        "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"dense eager", "dense compiled", "rettn eager", "rettn compiled"}
     assert all(v > 0 for v in report["ratios"].values())
+    # the dense baseline runs rettn's dense kernel (CPU: PyTorch's CPU flash kernel), named
+    assert report["dense_backend"] == "sdpa:cpu"
+    assert {r["dense_backend"] for r in report["results"].values()} == {"sdpa:cpu"}
+    assert report["graphs"]["rettn"] == report["graphs"]["dense"]  # no recompile per step kind

@@ -104,7 +104,14 @@ def test_set_attention_backend_serves_the_dense_calls(backend, monkeypatch):
     # every step dense: rettn's dense calls are the user's backend, bit for bit
     handle = rettn.apply_rettention(pipe, **{**SMALL, "warmup": STEPS})
     assert torch.equal(pipe(**kwargs()).frames, expected)
-    assert len(calls) == 2 * n_plain and handle.stats().counts() == {"dense": STEPS, "cache": 0, "sparse": 0}
+    stats = handle.stats()
+    assert stats.counts() == {"dense": STEPS, "cache": 0, "sparse": 0}
+    # rettn's dense calls (the self-attention ones, half of Wan's) run on the user's backend
+    assert stats.dense_kernels == {f"diffusers:{backend}": n_plain // 2}
+    if backend == "flex":  # the intercepted call is switched to native: only rettn's dense call counts
+        assert len(calls) == n_plain + n_plain
+    else:  # the model's call, whose SDPA rettn takes, and rettn's dense call through the same backend
+        assert len(calls) == n_plain + n_plain + n_plain // 2
     handle.remove()
     # with sparse steps: the backend still serves the dense ones (warm-up and cross-attention)
     calls.clear()
@@ -115,8 +122,9 @@ def test_set_attention_backend_serves_the_dense_calls(backend, monkeypatch):
     assert torch.isfinite(out).all() and stats.counts()["sparse"] > 0
     if backend == "flex":  # never calls torch's SDPA: switched to native for rettn's calls
         assert n_plain // 2 <= len(calls) < n_plain  # cross-attention and warm-up dense, the rest rettn's
-    else:  # ends in torch's SDPA, where rettn takes the sparse calls
-        assert len(calls) == n_plain
+    else:  # ends in torch's SDPA, where rettn takes the sparse calls; its dense ones use it too
+        assert len(calls) == n_plain + sum(stats.dense_kernels.values())
+        assert set(stats.dense_kernels) == {f"diffusers:{backend}"}
     assert pipe.transformer.blocks[0].attn1.processor._attention_backend == backend  # restored
 
 

@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import qkv
 
 import rettn
@@ -66,7 +67,10 @@ def test_ramp_adds_lambda_after_each_sparse_step():
 def test_baselines_through_the_same_code():
     q, k, v = qkv(1, 2, 128, 32, seed=4)
     plain = engine(use_rho=False, use_residual=False)
-    assert call(plain, 900.0, q, k, v) is None  # cache step: the model's own dense attention
+    # cache step: nothing to cache, the dense output (rettn's dense kernel, as the model's SDPA)
+    torch.testing.assert_close(call(plain, 900.0, q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+    assert plain.stats().dense_backend == "sdpa:cpu"
     layout = plain.cache[(0, 0, None)].layout
     torch.testing.assert_close(call(plain, 800.0, q, k, v), rettn.block_sparse_attention(q, k, v, layout))
 
@@ -320,9 +324,12 @@ def test_on_call_sees_dense_steps_and_skipped_layers_too():
     q, k, v = qkv(1, 1, 64, 16, seed=5)
     eng = engine(warmup=1, skip_layers=[1])
     rec = eng.observe(Recorder())
-    assert call(eng, 900.0, q, k, v) is None  # dense warm-up step
-    assert call(eng, 800.0, q, k, v, layer=1) is None  # skipped layer
-    assert [e[0] for e in rec.events] == ["call", "call"]
+    dense = call(eng, 900.0, q, k, v)  # dense warm-up step: rettn's dense kernel
+    torch.testing.assert_close(dense, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert call(eng, 800.0, q, k, v, layer=1) is None  # skipped layer: the model's own attention
+    # the dense step's attention is rettn's now, timed as its "attention" region
+    assert [e[0] for e in rec.events] == ["call", "region", "call"]
+    assert rec.events[1] == ("region", "dense", "attention", "cpu")
 
 
 def test_region_is_a_no_op_without_region_observers():

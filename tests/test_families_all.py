@@ -59,7 +59,10 @@ def test_every_softmax_family(key):
     handle.remove()
     assert all(torch.isfinite(x).all() for x in first)
     assert all(torch.equal(a, b) for a, b in zip(first, again)), "reset() must give the same run"
-    assert all(torch.equal(a, b) for a, b in zip(first[:2], base[:2])), "dense warm-up steps are the model's own"
+    # dense warm-up steps: rettn's dense kernel, on CPU the kernel the model's SDPA runs (bit for
+    # bit); a masked call (padded or all-True text mask) runs row by row / unmasked there, while
+    # the model's masked SDPA takes another kernel: equal to rounding
+    assert close(first[:2], base[:2], 2e-6), "dense warm-up steps are the model's own"
     assert stats.kinds() == ["dense", "dense", "cache", "sparse", "sparse", "cache"]
     selfs = [r for r in desc.rows if r["role"] == "self"]
     assert selfs and all(r["calls"] for r in selfs) and not desc.dense_unseen()

@@ -62,7 +62,13 @@ def test_sparse_output_is_finite_differs_and_repeats(family_model):
     handle.remove()
     assert torch.isfinite(first).all()
     assert (first - base).abs().max() > 1e-4  # sparse steps really changed something
-    assert torch.equal(first[:2], base[:2])  # dense warm-up steps are the model's own attention
+    # dense warm-up steps: rettn's dense kernel, on CPU the model's own (PyTorch's CPU flash
+    # kernel), bit for bit; HunyuanVideo's padded text runs row by row (a masked SDPA call goes to
+    # another kernel), equal to rounding
+    if family == "hunyuanvideo":
+        torch.testing.assert_close(first[:2], base[:2], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(first[:2], base[:2])
     assert torch.equal(first, second)  # the second generation starts from a clean state
     assert stats.kinds() == ["dense", "dense", "cache", "sparse", "sparse", "cache", "sparse", "sparse"]
     assert 0 < stats.mean_density() < 1 and stats.cached_bytes > 0

@@ -18,29 +18,24 @@ from collections import Counter
 
 import torch
 
+from rettn.core import attend_op
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
-from rettn.core.state import CacheEntry, CallInfo, LayerSlot, statistics_bytes
+from rettn.core.state import CacheEntry, CallInfo, LayerSlot, budget_error, statistics_bytes
 from rettn.core.stats import Stats, StepRecord
-from rettn.core.tracking import StepTracker
-from rettn.errors import ConfigError, MemoryBudgetError, NumericalError
+from rettn.core.tracking import StepTracker, progress_kind
+from rettn.errors import ConfigError, NumericalError
 from rettn.ops import selection
 from rettn.ops.attention import (
     backend_choices,
     cache_step_attention,
+    dense_attention,
+    dense_backend,
     sparse_step_attention,
 )
 from rettn.ops.layout import BlockSparseLayout
 from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
-
-
-def _bytes(n: float) -> str:
-    """2.00 GiB, 12.0 MiB, 900 bytes."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} bytes"
 
 
 # Why an attention call ran dense (the reasons handle.stats() and handle.describe() show).
@@ -81,6 +76,14 @@ class Engine:
         self.peak_bytes = 0
         self.residuals = ResidualStore(config.residual_device)  # where R lives between steps
         self.observers = ObserverSet()  # tools watching this engine (profiler, quality harness)
+        # dense attention kernels rettn ran this generation (name -> calls: stats().dense_backend)
+        self.dense_kernels: dict[str, int] = {}
+        self._dense_names: dict = {}  # (device, dtype, q shape, Sk) -> the chooser's dense kernel
+        # runs the model's own dense attention when it is a diffusers backend other than torch's
+        # SDPA: (q, k, v, scale, backend name) -> out (set by the integration)
+        self.dense_hook = None
+        # the output of a masked call under torch.compile: (q, k, v, mask, scale, info) -> out
+        self.mask_hook = None
 
     # ----------------------------------------------------------------- observers
     def observe(self, observer: Observer) -> Observer:
@@ -109,6 +112,7 @@ class Engine:
         self.records = []
         self.kind = "dense"
         self.peak_bytes = 0
+        self.dense_kernels = {}
         self.step, self.branch, self.model, self.generations = -1, 0, None, 0
         for slot in self.slots.values():
             slot.pending.clear()
@@ -118,6 +122,7 @@ class Engine:
         self.generations += 1
         self.clear_cache()
         self.records = []
+        self.dense_kernels = {}
         self.model = None
         if num_steps is not None:
             self.num_steps = num_steps
@@ -163,27 +168,7 @@ class Engine:
     def _step_kind(self, step: int, progress: float | None) -> str:
         if self.schedule is not None:
             return self.schedule.kind(step)
-        return self._kind_from_progress(step, progress)
-
-    def _kind_from_progress(self, step: int, progress: float | None) -> str:
-        """The schedule when the number of steps is unknown: fractions (warm-up, refresh
-        interval, dense tail) are fractions of the denoising progress read from the timestep;
-        step counts stay step counts."""
-        cfg, st = self.config, self._progress_state
-        p = 0.0 if progress is None else progress
-        warm, final = cfg.warmup, cfg.dense_final
-        if (step < warm) if isinstance(warm, int) else (p < warm - 1e-9):
-            return "dense"
-        if isinstance(final, float) and final > 0 and p >= 1.0 - final - 1e-9:
-            return "dense"
-        last = st.get("last_cache")
-        interval = cfg.refresh_interval
-        due = last is None or (
-            step - last[0] >= interval if isinstance(interval, int) else p - last[1] >= interval - 1e-9)
-        if due:
-            st["last_cache"] = (step, p)
-            return "cache"
-        return "sparse"
+        return progress_kind(self.config, self._progress_state, step, progress)
 
     def flush(self):
         """Move the calls of the last forward into its step record and the slots' totals. The
@@ -234,6 +219,7 @@ class Engine:
             skip = layer in self.config.skip_layers if skip is None else skip
             slot = self.slots[id] = LayerSlot(layer, skip, id=id, model=model, name=name)
             slot.residual = self.config.layer_residual.get(layer)
+            slot.token = attend_op.new_token(self, slot)
         return slot
 
     def note_dense(self, slot: LayerSlot, reason: str):
@@ -258,7 +244,7 @@ class Engine:
     def stats(self) -> Stats:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
-                     self.peak_bytes, self.generations, backend_choices())
+                     self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels))
 
     # ----------------------------------------------------------------- selection
     def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:
@@ -317,29 +303,46 @@ class Engine:
         branches = self._branches_seen()
         need = sum(n * self._entry_bytes(q, form) for form, n in self._layer_forms.items()) * branches
         if need > budget:
-            raise MemoryBudgetError(
-                f"rettn would cache {_bytes(need)} of Re-ttention statistics (rho + R for "
-                f"{self.n_layers} layers x {branches} CFG branch(es), attention "
-                f"{tuple(q.shape)}), over max_cache_bytes={_bytes(budget)}. Options: "
-                "residual_dtype='float16' or 'bfloat16', residual_device='cpu' (offload), "
-                "skip_layers=[...] (fewer cached layers), use_residual=False, or a larger budget."
-            )
+            raise budget_error(need, budget, self.n_layers, branches, q.shape)
 
     # ----------------------------------------------------------------- the call
-    def attend(self, q, k, v, scale, info: CallInfo):
-        """Output for this attention call, or None to let the model's own dense attention run."""
-        for observer in self.observers.calls:
-            observer.on_call(q, k, v, scale, info)
-        cfg = self.config
-        kind = self.kind
+    def attend(self, q, k, v, scale, info: CallInfo, mask=None):
+        """Output for this attention call, or None to let the model's own attention run (a
+        skipped layer, a sequence shorter than ``min_seq_len``: static facts of the call).
+
+        Everything else is decided by :meth:`decide`; under torch.compile through the custom op
+        ``rettn::attend`` (:mod:`rettn.core.attend_op`), so that the step kind, the layer's
+        state and the CFG branch are never guarded on: one graph serves all of them. ``mask``
+        (compiled calls only): an attention mask whose values decide, passed on to ``mask_hook``
+        inside the op."""
         slot = info.slot if info.slot is not None else self.slot(info.layer)
-        if slot.skip or q.shape[2] < cfg.min_seq_len:
+        if slot.skip or q.shape[2] < self.config.min_seq_len:
+            if not torch.compiler.is_compiling():
+                for observer in self.observers.calls:
+                    observer.on_call(q, k, v, scale, info)
             slot.pending.append(SKIPPED if slot.skip else SHORT)
             return None
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if torch.compiler.is_compiling() and not grad:  # (no autograd through the op: traced as Python)
+            return attend_op.call(slot, q, k, v, scale, info, mask)
+        if mask is not None:
+            return self.mask_hook(q, k, v, mask, scale, info)
+        return self.decide(q, k, v, scale, info, slot)
+
+    def decide(self, q, k, v, scale, info: CallInfo, slot: LayerSlot, mask=None):
+        """The output of a call rettn handles, by this step's kind: dense (rettn's fastest dense
+        kernel, or the model's own backend named by ``info.dense_with``), cache or sparse. Runs
+        eagerly (inside ``rettn::attend`` when compiled): it reads and updates the layer's state.
+        A ``mask`` goes to ``mask_hook`` (the integration's masked path, which comes back here)."""
+        if mask is not None:
+            return self.mask_hook(q, k, v, mask, scale, info)
+        for observer in self.observers.calls:
+            observer.on_call(q, k, v, scale, info)
+        kind = self.kind
         self._check_budget(q, info)
         if kind == "dense":
             slot.pending.append(DENSE_STEP)
-            return None
+            return self._dense(q, k, v, scale, info)
         key = (self.branch, info.row) if not info.call else (self.branch, info.row, info.call)
         entry = slot.entries.get(key) if kind == "sparse" else None
         if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
@@ -347,9 +350,31 @@ class Engine:
         if kind == "cache":
             out, entry = self._cache_step(q, k, v, scale, info, slot.residual)
             slot.entries[key] = entry
+            if out is None:  # nothing cached (use_rho and R off): the dense output of the step
+                out = self._dense(q, k, v, scale, info)
             slot.pending.append((entry.density, self._finite(out, entry.finite)))
             return out
         return self._sparse_step(q, k, v, scale, info, slot, entry)
+
+    def _dense(self, q, k, v, scale, info: CallInfo):
+        """Dense attention for a call rettn handles: the kernel rettn's dense chooser measures
+        fastest (CPU: PyTorch's CPU flash kernel, as the model's SDPA), or the model's own
+        backend when it is not torch's SDPA (``info.dense_with``, run by ``dense_hook``)."""
+        with self.region("attention", q.device):
+            if info.dense_with is not None and self.dense_hook is not None:
+                out, name = self.dense_hook(q, k, v, scale, info.dense_with), f"diffusers:{info.dense_with}"
+            else:
+                out = dense_attention(q, k, v, scale=scale)
+                name = None
+        if name is None:
+            sig = (q.device, q.dtype, tuple(q.shape), k.shape[2])
+            name = self._dense_names.get(sig)
+            if name is None:
+                name = dense_backend(q, k)
+                if name != "auto":  # known once the first call chose (CUDA: measured)
+                    self._dense_names[sig] = name
+        self.dense_kernels[name] = self.dense_kernels.get(name, 0) + 1
+        return out
 
     def _cache_step(self, q, k, v, scale, info, override: str | None = None):
         cfg = self.config
@@ -374,7 +399,7 @@ class Engine:
                 with self.region("bookkeeping", q.device):  # offload (rho, 1/D of R, stays)
                     residual = self.residuals.put(residual, rdt)
         else:
-            out_d = None  # plain sparse: the model's own dense attention runs at cache steps
+            out_d = None  # plain sparse: decide() runs the dense attention of the step
         return out_d, CacheEntry(layout, density, rho, residual, tuple(q.shape), finite, scale_r)
 
     def _sparse_step(self, q, k, v, scale, info, slot: LayerSlot, entry: CacheEntry):

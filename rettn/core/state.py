@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rettn.errors import MemoryBudgetError
 from rettn.ops.layout import BlockSparseLayout
 
 
@@ -21,6 +22,25 @@ def statistics_bytes(shape, residual_dtype: torch.dtype | None, use_rho: bool = 
         if residual_dtype == torch.float8_e4m3fn:
             n += rows * 4
     return n
+
+
+def format_bytes(n: float) -> str:
+    """2.00 GiB, 12.0 MiB, 900 bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def budget_error(need: int, budget: int, n_layers: int, branches: int, shape) -> MemoryBudgetError:
+    """The error for statistics of ``need`` bytes over ``max_cache_bytes=budget``."""
+    return MemoryBudgetError(
+        f"rettn would cache {format_bytes(need)} of Re-ttention statistics (rho + R for "
+        f"{n_layers} layers x {branches} CFG branch(es), attention "
+        f"{tuple(shape)}), over max_cache_bytes={format_bytes(budget)}. Options: "
+        "residual_dtype='float16' or 'bfloat16', residual_device='cpu' (offload), "
+        "skip_layers=[...] (fewer cached layers), use_residual=False, or a larger budget."
+    )
 
 
 @dataclass
@@ -67,6 +87,7 @@ class LayerSlot:
         self.calls = 0  # every call of this module, folded from pending by Engine.flush
         self.sparse = 0
         self.dense: dict[str, int] = {}  # reason -> count
+        self.token = None  # 0-d int64 CPU tensor: how rettn::attend finds this slot (set by the engine)
 
     def __repr__(self):
         return (f"LayerSlot(id={self.id}, layer={self.layer}, model={self.model}, skip={self.skip}, "
@@ -86,3 +107,6 @@ class CallInfo:
     slot: LayerSlot | None = None  # the layer's state (the integration passes it)
     key_spans: list = field(default_factory=list)  # key ranges kept dense when queries are a part of the keys
     call: int = 0  # which attention call of the processor call this is (Mochi: one per sample)
+    # the model's own dense attention when it is not torch's SDPA (a diffusers backend name the
+    # engine's dense_hook runs); None: rettn's dense chooser
+    dense_with: str | None = None

@@ -45,6 +45,17 @@ class Stats:
     # what backend=None chose for each call shape of the process (rettn.backend_choices()): the
     # kernel, each candidate's time and why others were skipped; empty until a measured choice
     backend_choices: list = field(default_factory=list)
+    # the dense attention kernels rettn itself ran at dense steps (and for the dense output of a
+    # cache step that caches nothing): kernel name ("sdpa:cudnn", "sdpa:cpu", "diffusers:<backend>"
+    # for the model's own non-SDPA backend) -> calls. Calls rettn leaves to the model (masks,
+    # cross-attention, skip_layers, short sequences) are not counted here.
+    dense_kernels: dict = field(default_factory=dict)
+
+    @property
+    def dense_backend(self) -> str | None:
+        """The dense kernel(s) rettn's dense steps ran, most used first (None: no dense call)."""
+        names = sorted(self.dense_kernels, key=lambda n: -self.dense_kernels[n])
+        return ", ".join(names) if names else None
 
     def counts(self) -> dict:
         out = {"dense": 0, "cache": 0, "sparse": 0}
@@ -67,7 +78,8 @@ class Stats:
             f"rettn stats: family={self.family} steps={len(self.steps)} "
             f"(dense {c['dense']}, cache {c['cache']}, sparse {c['sparse']}), "
             f"mean counted density {'-' if d is None else f'{d:.4f}'}, "
-            f"cached {self.cached_bytes / 2**20:.1f} MiB (peak {self.peak_cached_bytes / 2**20:.1f} MiB)",
+            f"cached {self.cached_bytes / 2**20:.1f} MiB (peak {self.peak_cached_bytes / 2**20:.1f} MiB), "
+            f"dense kernel {self.dense_backend or '-'}",
             "step | kind   | forwards | sparse calls | dense calls | density",
         ]
         for s in self.steps:

@@ -54,3 +54,23 @@ class StepTracker:
 
     def __repr__(self):
         return f"StepTracker(step={self.step}, branch={self.branch}, generations={self.generations})"
+
+
+def progress_kind(config, state: dict, step: int, progress: float | None) -> str:
+    """The schedule when the number of steps is unknown: fractions (warm-up, refresh interval,
+    dense tail) are fractions of the denoising progress read from the timestep; step counts stay
+    step counts. ``state`` is the generation's memory (the last cache step), updated here."""
+    p = 0.0 if progress is None else progress
+    warm, final = config.warmup, config.dense_final
+    if (step < warm) if isinstance(warm, int) else (p < warm - 1e-9):
+        return "dense"
+    if isinstance(final, float) and final > 0 and p >= 1.0 - final - 1e-9:
+        return "dense"
+    last = state.get("last_cache")
+    interval = config.refresh_interval
+    due = last is None or (
+        step - last[0] >= interval if isinstance(interval, int) else p - last[1] >= interval - 1e-9)
+    if due:
+        state["last_cache"] = (step, p)
+        return "cache"
+    return "sparse"

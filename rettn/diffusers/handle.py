@@ -20,6 +20,8 @@ from rettn.diffusers.processor import (
     OTHER,
     RettnProcessor,
     attention_modules,
+    diffusers_attention,
+    masked_or_dense,
     set_processor,
     wrapper_class,
 )
@@ -76,6 +78,9 @@ class RettnHandle:
             raise UnsupportedModelError(f"found no self-attention modules to sparsify in {type(self.model).__name__}")
         self.engine = Engine(config, n_sparse, self.family.name, rising_timesteps=self.family.timestep == "rising",
                              timestep_end=self.family.timestep_end)
+        self.engine.dense_hook = diffusers_attention  # dense steps of a model on a non-SDPA backend
+        # a masked call under torch.compile, decided inside rettn::attend on the real mask
+        self.engine.mask_hook = lambda *call: masked_or_dense(self, *call)
         # Slots: self-attention layers are numbered 0.. in model order (what skip_layers refers
         # to); the other modules follow them; a second transformer's slots follow the first's.
         next_id = 0
@@ -216,7 +221,9 @@ class RettnHandle:
                 rows.append(dict(model=self.labels[i], module=r["module"], processor=r["processor"],
                                  role=r["role"], layer=r["layer"], decision=r["decision"], calls=slot.calls,
                                  sparse=slot.sparse, dense=dict(slot.dense)))
-        return Description(rows, [f.name for f in self.families], self.preset)
+        kernels = self.engine.dense_kernels
+        dense = ", ".join(sorted(kernels, key=lambda n: -kernels[n])) or None
+        return Description(rows, [f.name for f in self.families], self.preset, dense_backend=dense)
 
     def reset(self):
         """Drop cached statistics and step history; the next call starts a new generation."""
@@ -264,8 +271,10 @@ class Description:
     """What :meth:`RettnHandle.describe` / :func:`describe` return: ``rows`` (one dict per
     attention module) and a readable table (``print(description)``)."""
 
-    def __init__(self, rows: list[dict], families: list[str], preset: str | None = None):
+    def __init__(self, rows: list[dict], families: list[str], preset: str | None = None,
+                 dense_backend: str | None = None):
         self.rows, self.families, self.preset = rows, families, preset
+        self.dense_backend = dense_backend  # the kernel(s) rettn's dense steps ran (None: none yet)
 
     def dense_unseen(self) -> list[str]:
         """Modules that rettn targeted but whose calls never reached the engine."""
@@ -273,7 +282,8 @@ class Description:
 
     def __str__(self):
         lines = [f"rettn: family {', '.join(dict.fromkeys(self.families))}"
-                 + (f", preset {self.preset}" if self.preset else "")]
+                 + (f", preset {self.preset}" if self.preset else "")
+                 + (f", dense steps on {self.dense_backend}" if self.dense_backend else "")]
         lines.append("model | module | processor | role | layer | decision | calls | sparse | dense (reason: calls)")
         for r in self.rows:
             dense = "; ".join(f"{k}: {v}" for k, v in r.get("dense", {}).items()) or "-"

@@ -89,12 +89,25 @@ def _suffix_valid_lengths(mask, batch, seq_k):
     return valid.tolist()
 
 
+def diffusers_attention(q, k, v, scale, backend: str, **kwargs):
+    """The model's own attention through diffusers' backend ``backend`` on (B, H, S, D) tensors:
+    a wrapped call's fallback when that backend does not call torch's SDPA, and the engine's
+    ``dense_hook`` (rettn's dense steps on the backend the user chose with
+    ``set_attention_backend``, not rettn's dense chooser)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+                                backend=backend, **kwargs)
+    return out.transpose(1, 2)
+
+
 class _Frame:
     """One running wrapped processor call: hands its (first) SDPA call to the engine."""
 
-    def __init__(self, handle: "RettnHandle", slot, role: str, fallback=None):
+    def __init__(self, handle: "RettnHandle", slot, role: str, fallback=None, dense_with=None):
         self.handle, self.slot, self.role = handle, slot, role
         self.fallback = fallback  # the user's diffusers backend when it does not call torch's SDPA
+        self.dense_with = dense_with  # the backend of rettn's dense calls (None: rettn's chooser)
         self.calls = 0  # SDPA calls seen in this processor call
 
     def sdpa(self, func, args, kwargs):
@@ -114,14 +127,9 @@ class _Frame:
         with self.handle.engine.region("attention", q.device):  # the model's own attention
             if self.fallback is None:
                 return func(*args, **kwargs)
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            call = sdpa_args(args, kwargs)
-            q, k, v, mask, p, causal, scale, gqa = call
-            out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                        dropout_p=p, is_causal=causal, scale=scale, enable_gqa=gqa,
-                                        backend=self.fallback)
-            return out.transpose(1, 2)
+            q, k, v, mask, p, causal, scale, gqa = sdpa_args(args, kwargs)
+            return diffusers_attention(q, k, v, scale, self.fallback, attn_mask=mask, dropout_p=p,
+                                       is_causal=causal, enable_gqa=gqa)
 
     def attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         engine, slot = self.handle.engine, self.slot
@@ -144,31 +152,53 @@ class _Frame:
             key_spans = [(0, extra)] if side == "first" else [(q.shape[2], k.shape[2])]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         info = self.handle._call_info(slot, role, q.shape[2], call=self.index)
-        info.key_spans = key_spans
+        info.key_spans, info.dense_with = key_spans, self.dense_with
         if attn_mask is None:
             return engine.attend(q, k, v, scale, info)
-        valid = _suffix_valid_lengths(attn_mask, q.shape[0], k.shape[2])
-        if valid is None:
-            return engine.note_dense(slot, eng.MASK)
-        if all(n == k.shape[2] for n in valid):
-            return engine.attend(q, k, v, scale, info)
-        if role != "self" or q.shape[2] != k.shape[2]:
-            return engine.note_dense(slot, eng.MASK)
-        if engine.step_kind() == "dense":
-            return engine.note_dense(slot, eng.DENSE_STEP)
-        # Key padding at the end (HunyuanVideo's padded text, last): each batch row runs on its
-        # first n tokens; its padded query rows (whose outputs never reach a real token) attend
-        # the valid keys densely, as the masked original would.
-        seq, outs = q.shape[2], []
-        for b, n in enumerate(valid):
-            qb, kb, vb = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
-            row_info = self.handle._call_info(slot, role, n, row=b, padding=seq - n, call=self.index)
-            head = engine.attend(qb[:, :, :n], kb, vb, scale, row_info)
-            if head is None:  # this row stays dense (e.g. shorter than min_seq_len)
-                head = SDPA(qb[:, :, :n], kb, vb, scale=scale)
-            tail = SDPA(qb[:, :, n:], kb, vb, scale=scale)
-            outs.append(torch.cat([head, tail], dim=2))
-        return torch.cat(outs, 0)
+        if torch.compiler.is_compiling():
+            # what the mask allows depends on its values: decided inside rettn::attend, on the
+            # real mask (Engine.decide calls masked_or_dense through engine.mask_hook)
+            return engine.attend(q, k, v, scale, info, mask=attn_mask)
+        return masked_attend(self.handle, q, k, v, attn_mask, scale, info)
+
+
+def masked_attend(handle: "RettnHandle", q, k, v, attn_mask, scale, info):
+    """A call with an attention mask: rettn's output when the mask is key padding at the end of
+    each batch row (or keeps every key), else None (the model's own masked attention runs)."""
+    engine, slot, role = handle.engine, info.slot, info.kind
+    valid = _suffix_valid_lengths(attn_mask, q.shape[0], k.shape[2])
+    if valid is None:
+        return engine.note_dense(slot, eng.MASK)
+    if all(n == k.shape[2] for n in valid):
+        return engine.attend(q, k, v, scale, info)
+    if role != "self" or q.shape[2] != k.shape[2]:
+        return engine.note_dense(slot, eng.MASK)
+    # Key padding at the end (HunyuanVideo's padded text, last): each batch row runs on its
+    # first n tokens (dense steps too: there on rettn's dense kernel, which a masked SDPA call
+    # could not use); its padded query rows (whose outputs never reach a real token) attend
+    # the valid keys densely, as the masked original would.
+    seq, outs = q.shape[2], []
+    for b, n in enumerate(valid):
+        qb, kb, vb = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+        row_info = handle._call_info(slot, role, n, row=b, padding=seq - n, call=info.call)
+        row_info.dense_with = info.dense_with
+        head = engine.attend(qb[:, :, :n], kb, vb, scale, row_info)
+        if head is None:  # this row stays dense (e.g. shorter than min_seq_len)
+            head = SDPA(qb[:, :, :n], kb, vb, scale=scale)
+        tail = SDPA(qb[:, :, n:], kb, vb, scale=scale)
+        outs.append(torch.cat([head, tail], dim=2))
+    return torch.cat(outs, 0)
+
+
+def masked_or_dense(handle: "RettnHandle", q, k, v, attn_mask, scale, info):
+    """:func:`masked_attend`, or the model's own masked attention where it returns None: what a
+    masked call computes inside ``rettn::attend`` (the engine's ``mask_hook``)."""
+    out = masked_attend(handle, q, k, v, attn_mask, scale, info)
+    if out is not None:
+        return out
+    if info.dense_with is not None:
+        return diffusers_attention(q, k, v, scale, info.dense_with, attn_mask=attn_mask)
+    return SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 OWN_ATTRS = frozenset({"original", "handle", "layer", "kind", "name", "slot", "model_index"})
@@ -177,6 +207,21 @@ OWN_ATTRS = frozenset({"original", "handle", "layer", "kind", "name", "slot", "m
 def user_backend(processor) -> str | None:
     """The diffusers attention backend a processor will use, when it is not one that ends in
     torch's SDPA (then rettn switches it to native for the wrapped call); None otherwise."""
+    name = backend_name(processor)
+    return None if name in _SDPA_BACKENDS else name
+
+
+def dense_backend_of(processor) -> str | None:
+    """The diffusers backend that runs rettn's dense calls of this processor: the user's own
+    choice (a non-SDPA backend, or one of torch's SDPA kernels picked by name, e.g.
+    ``"_native_math"``); None for the default ``"native"`` or a processor that calls SDPA
+    directly, where rettn's dense chooser picks the fastest kernel."""
+    name = backend_name(processor)
+    return None if name in (None, "native") else name
+
+
+def backend_name(processor) -> str | None:
+    """The diffusers attention backend's name a processor will use (None: it calls SDPA itself)."""
     if "_attention_backend" not in getattr(processor, "__dict__", {}) and \
             not hasattr(type(processor), "_attention_backend"):
         return None  # a processor that calls SDPA directly (CogVideoX, PixArt, ...)
@@ -188,8 +233,7 @@ def user_backend(processor) -> str | None:
             backend = _AttentionBackendRegistry.get_active_backend()[0]
         except (ImportError, AttributeError):
             return None
-    name = getattr(backend, "value", backend)
-    return None if name in _SDPA_BACKENDS else name
+    return getattr(backend, "value", backend)
 
 
 class RettnProcessor:
@@ -209,7 +253,7 @@ class RettnProcessor:
             return self.original(attn, *args, **kwargs)
         handle._check_parallel(self.original)
         backend = user_backend(self.original)
-        frame = _Frame(handle, self.slot, self.kind, fallback=backend)
+        frame = _Frame(handle, self.slot, self.kind, fallback=backend, dense_with=dense_backend_of(self.original))
         if backend is not None:  # a backend that never calls torch's SDPA: native for this call
             self.original._attention_backend = "native"
         try:

@@ -164,3 +164,26 @@ def cache_step_attention(q, k, v, layout, scale=None, use_rho=True, use_residual
             bool(use_rho), rdt, bool(check_finite))
     return (out_dense, rho if use_rho else None, residual if rdt is not None else None,
             ok if check_finite else None)
+
+
+# ------------------------------------------------------------------ dense attention, fastest kernel
+def dense_attention(q, k, v, scale=None):
+    """Dense attention on the kernel :func:`attention_with_lse` (``backend=None``) chooses: on
+    CUDA the fastest of PyTorch's flash, cuDNN and (float32) memory-efficient kernels, timed at
+    the first call of each shape; on CPU PyTorch's CPU flash kernel (what ``F.scaled_dot_product_
+    attention`` runs there). Returns ``out`` (q's shape, dtype and strides); the lse these
+    kernels also return costs them next to nothing. :func:`dense_backend` names the kernel."""
+    out, _ = attention_with_lse(q, k, v, scale=scale)
+    return out
+
+
+def dense_backend(q, k) -> str:
+    """The kernel :func:`dense_attention` runs for such q, k (``"sdpa:cudnn"``, ``"sdpa:cpu"``,
+    ``"torch"``...), or ``"auto"`` while the first call of this shape has not chosen yet.
+    Measures nothing."""
+    from rettn.ops._choice import default_chooser
+
+    name = ops.auto_dense(q)
+    if name == "auto":
+        name = default_chooser().lookup("dense+lse", q, k, None) or "auto"
+    return name
