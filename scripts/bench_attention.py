@@ -53,6 +53,7 @@ from rettn.ops import selection  # noqa: E402
 from rettn.tools.profile.kernels import time_calls  # noqa: E402
 from rettn.tools.profile.report import device_name, triton_version  # noqa: E402
 
+_T0 = time.perf_counter()
 PRESETS = {
     # The CI-sized CPU target of issue 2: sparse torch path >= 4x dense SDPA at keep 1/16.
     "cpu": dict(batch=1, heads=8, seq=[2048, 4096], head_dim=64, dtype="float32",
@@ -120,6 +121,7 @@ def bench_one(args, seq, keep, device, dtype, flex_fn):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             fns[name] = fn
+            print(f"  {name} ready at {time.perf_counter() - _T0:.1f} s", file=sys.stderr)  # where the time goes
             return out
         except Exception as e:  # noqa: BLE001 - reported per provider: e.g. cuDNN may refuse a shape
             errors[name] = _short(e)
