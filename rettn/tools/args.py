@@ -55,36 +55,30 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------- value types
-def positive_int(text: str) -> int:
+def _int(text: str, low: int, high: int | None, expected: str) -> int:
+    """``text`` as an int in [low, high) (no upper bound when ``high`` is None), else an
+    argparse error saying what was ``expected``."""
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        v = None
+    if v is None or v < low or (high is not None and v >= high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1, None, "a positive integer")
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+    return _int(text, 0, None, "an integer >= 0")
 
 
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**63) (torch's generators take up to 2**64 - 1; the
     margin leaves room for ``seed + line``)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed, an integer from 0 to 2**63 - 1, got {text!r}")
-    return v
+    return _int(text, 0, 2**63, "a seed, an integer from 0 to 2**63 - 1")
 
 
 def _finite(text: str) -> float:
