@@ -3,8 +3,11 @@ one prompt or a prompt file split over processes, with an optional dense compari
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -233,12 +236,21 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
     else:
         if args.compare:
             dense, record["dense_seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
-        handle = _apply(apply, pipe, config)
+        clocks = _clocks(pipe, device) if args.compare else None  # before rettn: its work is timed too
         try:
-            data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
-            stats = handle.stats()
+            handle = _apply(apply, pipe, config)
+            try:
+                if clocks is not None:
+                    clocks.watch(handle.engine)
+                with _one_line_warnings():
+                    data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
+                    stats = handle.stats()
+            finally:
+                handle.remove()
+            pays = _pays_line(clocks, stats, config, device) if clocks is not None else None
         finally:
-            handle.remove()
+            if clocks is not None:
+                clocks.remove()
         record["density"] = stats.mean_density()
         record["steps"] = stats.counts()
     _write_media(target, data, is_video, args)
@@ -256,7 +268,53 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
         print(f"{target.name}: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f}{lp}; dense {record['dense_seconds']:.2f} s, "
               f"rettn {record['seconds']:.2f} s, speedup {speed:.2f}x vs {vs}; side by side (dense | rettn): {both}")
         record["speedup"], record["speedup_vs"] = speed, vs
+        if pays is not None:
+            record.update(pays[1])
+            print(pays[0])
     return record
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """rettn's own warnings (a sparse step slower than dense) as one line on stderr, without the
+    source line Python's warnings show; other warnings pass through unchanged."""
+    from rettn.errors import RettnWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, RettnWarning):
+                    print(f"{w.message}", file=sys.stderr)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _clocks(pipe, device):
+    """The step clocks of the rettn run of ``--compare`` (None: no transformer to hook)."""
+    from rettn.tools.breakeven import RunClocks
+
+    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    return RunClocks(model, device) if isinstance(model, torch.nn.Module) else None
+
+
+def _pays_line(clocks, stats, config, device):
+    """(the line that says whether sparsity pays here, its numbers for the JSON summary)."""
+    from rettn.tools import breakeven
+
+    shape = clocks.capture.shape
+    if shape is None:  # no attention call reached rettn
+        return None
+    share = clocks.attention_share(stats.kinds())
+    first, _, rows = breakeven.pays_from(shape[1], shape[3], clocks.capture.dtype, device, config.keep,
+                                         config.block_size, backend=config.backend)
+    text = breakeven.line(share, shape[2], first, rows, device, config.keep)
+    numbers = {"attention_share": None if share is None else share[0], "sparse_pays_from": first,
+               "pays_measured": [{"tokens": n, "dense_s": d, "sparse_s": s_} for n, d, s_ in rows],
+               "sparse_slower_shapes": [str(c.shape) for c in stats.slower_shapes]}
+    return text, numbers
 
 
 def _summarise(state, results, skipped, seconds, preset, config) -> dict:
