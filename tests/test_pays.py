@@ -127,24 +127,37 @@ def test_fallback_flag_is_a_generate_option_with_help():
 
 
 def test_pays_line_says_where_sparse_pays():
-    cpu = torch.device("cpu")
-    rows = [(1024, 0.01, 0.05), (2048, 0.04, 0.08), (4096, 0.16, 0.1)]
-    text = breakeven.line((0.123, "dense"), 1040, 4096, rows, cpu, 0.125)
-    assert text == ("rettn here: attention is 12% of a dense step at 1,040 tokens; on this CPU a sparse step's "
-                    "attention (keep 0.125) first beats dense at 4k tokens (slower at 1k-2k), so sparsity does "
-                    "not pay at this run's 1,040 tokens")
-    never = breakeven.line(None, 1040, None, rows[:2], cpu, 0.125)
-    assert never.endswith("was slower than dense at every length measured (1k-2k tokens), so sparsity does not pay here")
-    assert breakeven.line((0.5, "dense"), 8192, 1024, rows[2:], cpu, 0.1).endswith(
-        "first beats dense at 1k tokens, so sparse attention pays at this run's 8,192 tokens")
+    cpu, counts = torch.device("cpu"), {"dense": 9, "cache": 7, "sparse": 14}
+    rows = [(1040, 0.03, 0.07, 0.03), (2048, 0.03, 0.06, 0.02), (4096, 0.12, 0.2, 0.07)]
+    text = breakeven.line((0.123, "dense"), 1040, 4096, rows, cpu, 0.125, counts)
+    assert text == ("rettn here: attention is 12% of a dense step at 1,040 tokens; on this CPU the attention of its "
+                    "7 cache + 14 sparse steps (keep 0.125) first costs less than dense at 4k tokens (more at "
+                    "1,040-2k), so sparsity does not pay at this run's 1,040 tokens")
+    never = breakeven.line(None, 1040, None, rows[:2], cpu, 0.125, counts)
+    assert never.endswith("costs more than dense at every length measured (1,040-2k tokens), so sparsity does not pay here")
+    assert breakeven.line((0.5, "dense"), 8192, 8192, [(8192, 1.0, 1.5, 0.2)], cpu, 0.1, counts).endswith(
+        "first costs less than dense at 8k tokens, so sparse attention pays at this run's length")
+
+
+def test_run_pays_weighs_cache_and_sparse_steps_against_dense():
+    counts = {"dense": 9, "cache": 7, "sparse": 14}
+    assert breakeven.run_pays({"dense": 32.0, "cache": 69.0, "sparse": 30.0}, counts) is False  # 903 > 672
+    assert breakeven.run_pays({"dense": 32.0, "cache": 40.0, "sparse": 10.0}, counts) is True  # 420 < 672
+    assert breakeven.run_pays({"cache": 1.0, "sparse": 1.0}, counts) is None  # no dense step to compare with
+    assert breakeven.lengths_from(1040) == [2048, 4096, 8192, 16384] and breakeven.lengths_from(5000, 8192) == [8192]
 
 
 def test_pays_from_measures_the_public_ops():
-    first, longest, rows = breakeven.pays_from(2, 32, torch.float32, torch.device("cpu"), 0.25, 32,
-                                               lengths=(256, 512), budget_s=30.0)
-    assert [n for n, _, _ in rows] == ([256, 512] if first != 256 else [256]) and longest == rows[-1][0]
-    assert all(d > 0 and s > 0 for _, d, s in rows)
-    assert first is None or rows[-1][2] < rows[-1][1]
+    first, rows = breakeven.pays_from(1, 2, 32, torch.float32, torch.device("cpu"), 0.25, 32, (256, 512),
+                                      n_cache=1, n_sparse=2, budget_s=30.0)
+    assert [n for n, *_ in rows] == ([256, 512] if first != 256 else [256])
+    assert all(d > 0 and c > 0 and s > 0 for _, d, c, s in rows)
+    if first is not None:
+        _, d, c, s = rows[-1]
+        assert c + 2 * s < 3 * d
+    never, rows = breakeven.pays_from(1, 2, 32, torch.float32, torch.device("cpu"), 0.25, 32, (256, 512),
+                                      n_cache=1, n_sparse=0, budget_s=30.0)  # a cache step alone never pays
+    assert never is None and len(rows) == 2
 
 
 def test_generate_compare_prints_the_pays_line(tmp_path, capsys):
@@ -156,12 +169,12 @@ def test_generate_compare_prints_the_pays_line(tmp_path, capsys):
     assert code == 0, err
     lines = [ln for ln in out.splitlines() if ln.startswith("rettn here: ")]
     assert len(lines) == 1, out
-    assert re.search(r"attention is \d+% of a dense step at 1,040 tokens; on this CPU a sparse step's attention "
-                     r"\(keep 0\.125\) ", lines[0]), lines[0]
-    assert ("was slower than dense at every length measured" in lines[0]) != ("first beats dense at" in lines[0])
+    assert re.search(r"attention is \d+% of a dense step at 1,040 tokens; on this CPU the attention of its "
+                     r"\d+ cache \+ \d+ sparse steps \(keep 0\.125\) ", lines[0]), lines[0]
+    assert ("costs more than dense at every length measured" in lines[0]) != ("first costs less" in lines[0])
     import json
 
     record = json.loads((tmp_path / "s.json").read_text())["outputs"][0]
-    assert 0 < record["attention_share"] < 1 and record["pays_measured"]
+    assert 0 < record["attention_share"] < 1 and record["pays_measured"][0]["tokens"] == 1040
     first = record["sparse_pays_from"]
-    assert first is None or f"first beats dense at {first // 1024}k tokens" in lines[0]
+    assert first is None or f"first costs less than dense at {breakeven.short_tokens(first)} tokens" in lines[0]

@@ -239,7 +239,8 @@ class Engine:
     def stats(self) -> Stats:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
-                     self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels), self.costs.report())
+                     self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels),
+                     self.costs.report())
 
     # ----------------------------------------------------------------- selection
     def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:

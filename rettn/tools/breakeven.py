@@ -1,9 +1,11 @@
 """Does rettn pay here? What ``rettn generate --compare`` says in one line after its speedup:
 the share of a dense step that attention takes in the run itself (step clocks and the engine's
-attention region, as ``rettn profile`` measures them), and from which sequence length a sparse
-step's attention is faster than dense attention on this device (the public ops timed at the
-run's heads, head dim, dtype, keep and block size over a few lengths, stopping at the first
-that pays or after a few seconds)."""
+attention region, as ``rettn profile`` measures them), and from which sequence length rettn's
+attention over the run's schedule (its cache steps: selection, dense pass and statistics; its
+sparse steps) costs less than dense attention at those steps on this device. Measured with the
+public ops at the run's batch, heads, head dim, dtype, keep and block size, at the run's own
+length first, then 2k, 4k, 8k, 16k tokens, stopping at the first that pays or after a few
+seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import torch
 
 from rettn.ops import selection
-from rettn.ops.attention import dense_attention, sparse_step_attention
+from rettn.ops.attention import cache_step_attention, dense_attention, sparse_step_attention
 from rettn.tools.profile.clocks import StepClock, StepRegionTimer, sync
 from rettn.tools.profile.runners import Capture
 
@@ -48,6 +50,26 @@ class RunClocks:
         return sum(regions.get(s, {}).get("attention", 0.0) for s in chosen) / total, label
 
 
+    def kind_costs(self, kinds: list) -> dict:
+        """{step kind: mean seconds of rettn's work per step of that kind} (attention, selection
+        and bookkeeping regions) in the run: what a cache and a sparse step cost against a dense one."""
+        regions, out = self.timer.per_step(), {}
+        for kind in ("dense", "cache", "sparse"):
+            steps = [s for s, k in enumerate(kinds) if k == kind]
+            if steps:
+                out[kind] = sum(sum(regions.get(s, {}).values()) for s in steps) / len(steps)
+        return out
+
+
+def run_pays(costs: dict, counts: dict) -> bool | None:
+    """Did rettn's attention over the run's cache and sparse steps cost less than dense attention
+    at those steps would have (None: the run had no dense or no sparse-eligible steps to compare)?"""
+    if "dense" not in costs or not counts.get("cache") and not counts.get("sparse"):
+        return None
+    spent = counts.get("cache", 0) * costs.get("cache", 0.0) + counts.get("sparse", 0) * costs.get("sparse", 0.0)
+    return spent < (counts.get("cache", 0) + counts.get("sparse", 0)) * costs["dense"]
+
+
 def _time(fn, device: torch.device, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -59,49 +81,64 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def pays_from(heads: int, head_dim: int, dtype, device: torch.device, keep: float, block_size: int,
-              backend=None, lengths=LENGTHS, budget_s: float = BUDGET_S) -> tuple[int | None, int, list]:
-    """(the first length where a sparse step's attention call beats the dense call, or None; the
-    longest length measured; [(length, dense s, sparse s)]). One batch row, random inputs, a top-k
-    layout at ``keep`` and ``block_size``, rho and R as a sparse step has them."""
+def lengths_from(tokens: int, longest: int = LENGTHS[-1]) -> list[int]:
+    """The standard lengths above the run's own (which the run itself measured)."""
+    return [n for n in LENGTHS if n > tokens and n <= longest]
+
+
+def pays_from(batch: int, heads: int, head_dim: int, dtype, device: torch.device, keep: float, block_size: int,
+              lengths, n_cache: int = 1, n_sparse: int = 1, backend=None,
+              budget_s: float = BUDGET_S) -> tuple[int | None, list]:
+    """(the first of ``lengths`` at which rettn's attention over the run's non-dense steps,
+    ``n_cache`` cache steps (selection + dense pass + statistics) and ``n_sparse`` sparse steps,
+    costs less than dense attention at each of those steps, or None; rows ``(length, dense s,
+    cache s, sparse s)`` per call). Random inputs, a top-k layout at ``keep`` and ``block_size``."""
     t0, rows = time.perf_counter(), []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n in lengths:
-        if rows and time.perf_counter() - t0 > budget_s:
+        if time.perf_counter() - t0 > budget_s:
             break
-        q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen).to(device, dtype) for _ in range(3))
+        q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device, dtype) for _ in range(3))
         layout = selection.topk(q, k, keep, block_q=block_size)
-        rho = torch.ones(1, heads, n, device=device)
+        rho = torch.ones(batch, heads, n, device=device)
         residual = torch.zeros_like(q)
-        dense = lambda: dense_attention(q, k, v)  # noqa: E731
-        sparse = lambda: sparse_step_attention(q, k, v, layout, rho, residual, ramp=0.04,  # noqa: E731
-                                               check_finite=True, backend=backend)
+        calls = {
+            "dense": lambda: dense_attention(q, k, v),
+            "cache": lambda: cache_step_attention(q, k, v, selection.topk(q, k, keep, block_q=block_size),
+                                                  check_finite=True, backend=backend),
+            "sparse": lambda: sparse_step_attention(q, k, v, layout, rho, residual, ramp=0.04, check_finite=True,
+                                                    backend=backend),
+        }
         if device.type == "cuda" or not rows:  # the first call of a shape: kernel choice, compilation
-            dense(), sparse()
-        repeats = 2 if n <= 2048 else 1
-        d, s = _time(dense, device, repeats), _time(sparse, device, repeats)
-        rows.append((n, d, s))
-        if s < d:
-            return n, n, rows
-    return None, rows[-1][0] if rows else 0, rows
+            for fn in calls.values():
+                fn()
+        repeats = 3 if n <= 2048 else 1
+        d, c, s = (_time(calls[name], device, repeats) for name in ("dense", "cache", "sparse"))
+        rows.append((n, d, c, s))
+        if n_cache * c + n_sparse * s < (n_cache + n_sparse) * d:
+            return n, rows
+    return None, rows
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else f"{n:,}"
+def short_tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else f"{n:,}"  # 16k; 1,040
 
 
-def line(share, tokens: int, first: int | None, rows: list, device: torch.device, keep: float) -> str:
-    """The one line ``rettn generate --compare`` prints (``rows`` from :func:`pays_from`)."""
+def line(share, tokens: int, first: int | None, rows: list, device: torch.device, keep: float,
+         counts: dict) -> str:
+    """The one line ``rettn generate --compare`` prints (``rows`` from :func:`pays_from`,
+    ``counts`` the run's step kinds)."""
     where = "this GPU" if device.type == "cuda" else "this CPU"
     text = "rettn here: "
     if share is not None:
         text += f"attention is {share[0]:.0%} of a {share[1]} step at {tokens:,} tokens; "
-    slower = [n for n, d, s in rows if s >= d]
-    span = f"{_k(slower[0])}-{_k(slower[-1])}" if len(slower) > 1 else (_k(slower[0]) if slower else "")
-    text += f"on {where} a sparse step's attention (keep {keep:g}) "
+    more = [n for n, *_ in rows if n != first]
+    span = "-".join(short_tokens(n) for n in dict.fromkeys([more[0], more[-1]])) if more else ""
+    text += (f"on {where} the attention of its {counts.get('cache', 0)} cache + {counts.get('sparse', 0)} sparse "
+             f"steps (keep {keep:g}) ")
     if first is None:
-        return text + f"was slower than dense at every length measured ({span} tokens), so sparsity does not pay here"
-    text += f"first beats dense at {_k(first)} tokens" + (f" (slower at {span})" if slower else "")
+        return text + f"costs more than dense at every length measured ({span} tokens), so sparsity does not pay here"
+    text += f"first costs less than dense at {short_tokens(first)} tokens" + (f" (more at {span})" if more else "")
     if tokens < first:
         return text + f", so sparsity does not pay at this run's {tokens:,} tokens"
-    return text + f", so sparse attention pays at this run's {tokens:,} tokens"
+    return text + ", so sparse attention pays at this run's length"

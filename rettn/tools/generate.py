@@ -308,11 +308,20 @@ def _pays_line(clocks, stats, config, device):
     if shape is None:  # no attention call reached rettn
         return None
     share = clocks.attention_share(stats.kinds())
-    first, _, rows = breakeven.pays_from(shape[1], shape[3], clocks.capture.dtype, device, config.keep,
-                                         config.block_size, backend=config.backend)
-    text = breakeven.line(share, shape[2], first, rows, device, config.keep)
+    counts, costs = stats.counts(), clocks.kind_costs(stats.kinds())
+    rows = [(shape[2], *(costs.get(k) for k in ("dense", "cache", "sparse")))]  # this run, per step
+    first = shape[2] if breakeven.run_pays(costs, counts) else None
+    if first is None:  # longer sequences: the ops at the run's shape and its counted density
+        keep = stats.mean_density() or config.keep
+        first, more = breakeven.pays_from(shape[0], shape[1], shape[3], clocks.capture.dtype, device, keep,
+                                          config.block_size, breakeven.lengths_from(shape[2]), counts["cache"],
+                                          counts["sparse"], backend=config.backend)
+        rows += more
+    text = breakeven.line(share, shape[2], first, rows, device, config.keep, counts)
     numbers = {"attention_share": None if share is None else share[0], "sparse_pays_from": first,
-               "pays_measured": [{"tokens": n, "dense_s": d, "sparse_s": s_} for n, d, s_ in rows],
+               "pays_measured": [{"tokens": n, "dense_s": d, "cache_s": c, "sparse_s": s_,
+                                  "per": "step of this run" if i == 0 else "attention call (ops)"}
+                                 for i, (n, d, c, s_) in enumerate(rows)],
                "sparse_slower_shapes": [str(c.shape) for c in stats.slower_shapes]}
     return text, numbers
 
