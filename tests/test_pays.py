@@ -178,3 +178,26 @@ def test_generate_compare_prints_the_pays_line(tmp_path, capsys):
     assert 0 < record["attention_share"] < 1 and record["pays_measured"][0]["tokens"] == 1040
     first = record["sparse_pays_from"]
     assert first is None or f"first costs less than dense at {breakeven.short_tokens(first)} tokens" in lines[0]
+
+
+def test_meter_and_fallback_under_torch_compile(monkeypatch):
+    """The decisions run inside rettn::attend (eager Python under torch.compile): the meter times
+    there, and the fallback switches the compiled calls to dense without a recompile per step."""
+    torch._dynamo.reset()
+    q, k, v = qkv(1, 2, 256, 32, seed=6)
+    eng = make(fallback=True)
+    fake_clock(monkeypatch, eng, dense_s=0.001, sparse_s=0.004)
+    info = CallInfo(kind="self", slot=eng.slot(0))
+    f = torch.compile(lambda q, k, v: eng.attend(q, k, v, 32 ** -0.5, info), backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            eng.on_forward(1000.0 - 50 * step)
+            out = f(q, k, v)
+    assert sum(issubclass(w.category, SlowerThanDenseWarning) for w in caught) == 1
+    stats = eng.stats()
+    assert [c.shape for c in stats.slower_shapes] == [(1, 2, 256, 32)]
+    assert [r.sparse_calls for r in stats.steps[4:10]] == [1] * 6
+    assert all(r.dense_reasons == {SLOWER: 1} for r in stats.steps[10:])
+    torch.testing.assert_close(out, rettn.attention_with_lse(q, k, v)[0], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

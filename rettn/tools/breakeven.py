@@ -19,7 +19,7 @@ from rettn.tools.profile.clocks import StepClock, StepRegionTimer, sync
 from rettn.tools.profile.runners import Capture
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
-BUDGET_S = 4.0  # no longer length is started once the measurement has taken this long
+BUDGET_S = 4.0  # seconds: a longer length is not started when it would take the measurement past this
 
 
 class RunClocks:
@@ -96,7 +96,8 @@ def pays_from(batch: int, heads: int, head_dim: int, dtype, device: torch.device
     t0, rows = time.perf_counter(), []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n in lengths:
-        if time.perf_counter() - t0 > budget_s:
+        # stop when this length would overrun the budget (attention time grows with the square of it)
+        if rows and time.perf_counter() - t0 + (n / rows[-1][0]) ** 2 * sum(rows[-1][1:]) > budget_s:
             break
         q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device, dtype) for _ in range(3))
         layout = selection.topk(q, k, keep, block_q=block_size)
