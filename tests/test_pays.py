@@ -201,3 +201,19 @@ def test_meter_and_fallback_under_torch_compile(monkeypatch):
     assert all(r.dense_reasons == {SLOWER: 1} for r in stats.steps[10:])
     torch.testing.assert_close(out, rettn.attention_with_lse(q, k, v)[0], atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_command_line_shows_rettns_warnings_as_one_line(capsys, monkeypatch):
+    from rettn.tools import cli
+
+    def handler(args):
+        warnings.warn("rettn: at attention shape (1, 2, 3, 4) on cpu, a sparse step's\n attention call took more",
+                      SlowerThanDenseWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: type(
+        "A", (), {"handler": staticmethod(handler)})()})())
+    assert cli.main([]) == 0
+    err = capsys.readouterr().err
+    assert err == "rettn: at attention shape (1, 2, 3, 4) on cpu, a sparse step's attention call took more\n"
+    assert warnings.showwarning.__module__ == "warnings"  # put back after the command

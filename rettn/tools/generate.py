@@ -3,11 +3,8 @@ one prompt or a prompt file split over processes, with an optional dense compari
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -242,9 +239,8 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
             try:
                 if clocks is not None:
                     clocks.watch(handle.engine)
-                with _one_line_warnings():
-                    data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
-                    stats = handle.stats()
+                data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
+                stats = handle.stats()
             finally:
                 handle.remove()
             pays = _pays_line(clocks, stats, config, device) if clocks is not None else None
@@ -272,24 +268,6 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
             record.update(pays[1])
             print(pays[0])
     return record
-
-
-@contextlib.contextmanager
-def _one_line_warnings():
-    """rettn's own warnings (a sparse step slower than dense) as one line on stderr, without the
-    source line Python's warnings show; other warnings pass through unchanged."""
-    from rettn.errors import RettnWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        try:
-            yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, RettnWarning):
-                    print(f"{w.message}", file=sys.stderr)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _clocks(pipe, device):
