@@ -217,3 +217,21 @@ def test_command_line_shows_rettns_warnings_as_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "rettn: at attention shape (1, 2, 3, 4) on cpu, a sparse step's attention call took more\n"
     assert warnings.showwarning.__module__ == "warnings"  # put back after the command
+
+
+def test_generate_compare_without_dense_steps_measures_the_runs_length_with_the_ops(tmp_path, capsys):
+    """No dense step in the run to weigh against: the ops are timed at the run's own length too."""
+    import json
+
+    from rettn.tools.cli import main
+
+    code = main(["generate", "--prompt", "a blue square moving up", "--compare", "--steps", "3", "--warmup", "0",
+                 "--no-progress", "--out", str(tmp_path / "c.gif"), "--json", str(tmp_path / "s.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    record = json.loads((tmp_path / "s.json").read_text())["outputs"][0]
+    measured = record["pays_measured"]
+    assert measured[0]["tokens"] == 1040 and measured[0]["per"] == "attention call (ops)"
+    assert all(m["dense_s"] > 0 for m in measured)
+    line = [ln for ln in out.splitlines() if ln.startswith("rettn here: ")]
+    assert len(line) == 1 and "a rettn step" in line[0], out

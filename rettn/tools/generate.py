@@ -287,18 +287,22 @@ def _pays_line(clocks, stats, config, device):
         return None
     share = clocks.attention_share(stats.kinds())
     counts, costs = stats.counts(), clocks.kind_costs(stats.kinds())
-    rows = [(shape[2], *(costs.get(k) for k in ("dense", "cache", "sparse")))]  # this run, per step
-    first = shape[2] if breakeven.run_pays(costs, counts) else None
+    if not counts["cache"] and not counts["sparse"]:
+        return None  # an all-dense schedule: nothing to weigh
+    paid = breakeven.run_pays(costs, counts)  # None: no dense step in the run to weigh against
+    rows = [] if paid is None else [(shape[2], *(costs.get(k) for k in ("dense", "cache", "sparse")))]  # per step
+    first = shape[2] if paid else None
     if first is None:  # longer sequences: the ops at the run's shape and its counted density
         keep = stats.mean_density() or config.keep
+        lengths = breakeven.lengths_from(shape[2])
         first, more = breakeven.pays_from(shape[0], shape[1], shape[3], clocks.capture.dtype, device, keep,
-                                          config.block_size, breakeven.lengths_from(shape[2]), counts["cache"],
-                                          counts["sparse"], backend=config.backend)
+                                          config.block_size, lengths if rows else [shape[2], *lengths],
+                                          counts["cache"], counts["sparse"], backend=config.backend)
         rows += more
     text = breakeven.line(share, shape[2], first, rows, device, config.keep, counts)
     numbers = {"attention_share": None if share is None else share[0], "sparse_pays_from": first,
                "pays_measured": [{"tokens": n, "dense_s": d, "cache_s": c, "sparse_s": s_,
-                                  "per": "step of this run" if i == 0 else "attention call (ops)"}
+                                  "per": "step of this run" if i == 0 and paid is not None else "attention call (ops)"}
                                  for i, (n, d, c, s_) in enumerate(rows)],
                "sparse_slower_shapes": [str(c.shape) for c in stats.slower_shapes]}
     return text, numbers
