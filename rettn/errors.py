@@ -53,6 +53,16 @@ class UsageError(RettnError, ValueError):
     """A command-line tool's arguments or inputs that cannot work (one line, exit code 2)."""
 
 
+class RettnWarning(RettnError, UserWarning):
+    """Base of the warnings rettn emits (``warnings.filterwarnings("error", category=RettnWarning)``
+    turns them into errors)."""
+
+
+class SlowerThanDenseWarning(RettnWarning, RuntimeWarning):
+    """A sparse step was measured slower than the dense attention it replaces, at one call shape
+    (once per shape; ``RettnConfig(fallback_when_slower=True)`` runs those calls dense)."""
+
+
 __all__ = ["RettnError", "ConfigError", "InputError", "InputTypeError", "UnsupportedModelError", "NotReachedError", "StateError",
            "UnsupportedError",
-           "MemoryBudgetError", "NumericalError", "UsageError"]
+           "MemoryBudgetError", "NumericalError", "UsageError", "RettnWarning", "SlowerThanDenseWarning"]

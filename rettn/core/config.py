@@ -187,6 +187,10 @@ class RettnConfig:
         check_finite: after each transformer call, raise ``FloatingPointError`` if an attention
             output rettn computed holds NaN or inf, naming the layers and step (one device sync
             per call); False skips the check.
+        fallback_when_slower: rettn times a few dense and sparse-step attention calls per call
+            shape; where a sparse step is measured slower than the dense call it replaces (it
+            always warns and ``handle.stats()`` says so), run that shape's later sparse and cache
+            calls dense. Default False (warn only).
     """
 
     keep: float = 0.0625
@@ -211,6 +215,7 @@ class RettnConfig:
     max_cache_bytes: int | str | None = None
     backend: str | None = None
     check_finite: bool = True
+    fallback_when_slower: bool = False
 
     def __post_init__(self):
         if not _is_number(self.keep) or not 0 < self.keep <= 1:
@@ -233,7 +238,7 @@ class RettnConfig:
             raise ConfigError(f"ramp (the paper's lambda) must be a finite number >= 0, got {self.ramp!r}")
         self.ramp = float(self.ramp)
         for name in ("dense_conditioning", "clamp_rho", "use_rho", "use_residual", "sparse_cross_attention",
-                     "check_finite"):
+                     "check_finite", "fallback_when_slower"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.sparse_cross_attention and self.pattern != "topk":

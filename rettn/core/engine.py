@@ -21,11 +21,12 @@ import torch
 from rettn.core import attend_op
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
+from rettn.core.pays import SLOWER, CostMeter, ShapeCost
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
-from rettn.core.state import CacheEntry, CallInfo, LayerSlot, budget_error, statistics_bytes
+from rettn.core.state import CacheEntry, CallInfo, LayerSlot, budget_error, not_finite_error, statistics_bytes
 from rettn.core.stats import Stats, StepRecord
 from rettn.core.tracking import StepTracker, progress_kind
-from rettn.errors import ConfigError, NumericalError
+from rettn.errors import ConfigError
 from rettn.ops import selection
 from rettn.ops.attention import (
     backend_choices,
@@ -84,6 +85,7 @@ class Engine:
         self.dense_hook = None
         # the output of a masked call under torch.compile: (q, k, v, mask, scale, info) -> out
         self.mask_hook = None
+        self.costs = CostMeter(config.fallback_when_slower)  # sparse vs dense per call shape (pays.py)
 
     # ----------------------------------------------------------------- observers
     def observe(self, observer: Observer) -> Observer:
@@ -113,6 +115,7 @@ class Engine:
         self.kind = "dense"
         self.peak_bytes = 0
         self.dense_kernels = {}
+        self.costs.reset()
         self.step, self.branch, self.model, self.generations = -1, 0, None, 0
         for slot in self.slots.values():
             slot.pending.clear()
@@ -194,17 +197,9 @@ class Engine:
                             checks.append((slot.layer, item[1]))
             slot.pending.clear()
         if checks and not bool(torch.stack([ok.to(checks[0][1].device) for _, ok in checks]).all()):
-            self._raise_not_finite(sorted({layer for layer, ok in checks if not bool(ok)}))
-
-    def _raise_not_finite(self, layers):
-        record = self.records[-1]
-        raise NumericalError(
-            f"rettn: the attention output of layer(s) {layers} at step {record.step} ({record.kind} step, CFG "
-            f"branch {self.branch}) holds NaN or inf. Usual causes: the model's activations "
-            "overflowed before attention (fp16: run in bfloat16 or float32; dense attention is NaN there "
-            "too), NaN/inf in the inputs (latents, embeddings), or residual_dtype='float16' with "
-            "attention outputs beyond 65504 (use 'bfloat16'). check_finite=False turns this check off."
-        )
+            layers, record = sorted({layer for layer, ok in checks if not bool(ok)}), self.records[-1]
+            raise not_finite_error(layers, record.step, record.kind, self.branch)
+        self.costs.flush()
 
     def step_kind(self) -> str:
         return self.kind
@@ -244,7 +239,8 @@ class Engine:
     def stats(self) -> Stats:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
-                     self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels))
+                     self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels),
+                     self.costs.report())
 
     # ----------------------------------------------------------------- selection
     def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:
@@ -342,6 +338,9 @@ class Engine:
         self._check_budget(q, info)
         if kind == "dense":
             slot.pending.append(DENSE_STEP)
+            return self.costs.run("dense", q, k, lambda: self._dense(q, k, v, scale, info))
+        if self.costs.fallback and self.costs.falls_back(q, k):  # measured slower at this shape: dense
+            slot.pending.append(SLOWER)
             return self._dense(q, k, v, scale, info)
         key = (self.branch, info.row) if not info.call else (self.branch, info.row, info.call)
         entry = slot.entries.get(key) if kind == "sparse" else None
@@ -354,7 +353,7 @@ class Engine:
                 out = self._dense(q, k, v, scale, info)
             slot.pending.append((entry.density, self._finite(out, entry.finite)))
             return out
-        return self._sparse_step(q, k, v, scale, info, slot, entry)
+        return self.costs.run("sparse", q, k, lambda: self._sparse_step(q, k, v, scale, info, slot, entry))
 
     def _dense(self, q, k, v, scale, info: CallInfo):
         """Dense attention for a call rettn handles: the kernel rettn's dense chooser measures
@@ -445,5 +444,5 @@ __all__ = [
     "Engine", "CallInfo", "CacheEntry", "LayerSlot", "Stats", "StepRecord", "StepTracker",
     "Observer", "ObserverSet", "RegionTimer",
     "DENSE_STEP", "SKIPPED", "SHORT", "CROSS", "MASK", "DROPOUT_CAUSAL", "NOT_SELF", "UNSUPPORTED_ARGS",
-    "NOT_REACHED", "RHO_FLOOR",
+    "NOT_REACHED", "RHO_FLOOR", "SLOWER", "CostMeter", "ShapeCost",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rettn.errors import MemoryBudgetError
+from rettn.errors import MemoryBudgetError, NumericalError
 from rettn.ops.layout import BlockSparseLayout
 
 
@@ -110,3 +110,14 @@ class CallInfo:
     # the model's own dense attention when it is not torch's SDPA (a diffusers backend name the
     # engine's dense_hook runs); None: rettn's dense chooser
     dense_with: str | None = None
+
+
+def not_finite_error(layers, step: int, kind: str, branch) -> NumericalError:
+    """The error of a transformer call whose attention output held NaN or inf (Engine.flush)."""
+    return NumericalError(
+        f"rettn: the attention output of layer(s) {layers} at step {step} ({kind} step, CFG "
+        f"branch {branch}) holds NaN or inf. Usual causes: the model's activations "
+        "overflowed before attention (fp16: run in bfloat16 or float32; dense attention is NaN there "
+        "too), NaN/inf in the inputs (latents, embeddings), or residual_dtype='float16' with "
+        "attention outputs beyond 65504 (use 'bfloat16'). check_finite=False turns this check off."
+    )

@@ -50,6 +50,15 @@ class Stats:
     # for the model's own non-SDPA backend) -> calls. Calls rettn leaves to the model (masks,
     # cross-attention, skip_layers, short sequences) are not counted here.
     dense_kernels: dict = field(default_factory=dict)
+    # sparse vs dense attention cost per call shape, measured on the first calls of each kind
+    # (rettn.core.pays.ShapeCost: shape, dense_s, sparse_s, slower, fallback); empty until a shape
+    # has had both dense and sparse steps
+    step_costs: list = field(default_factory=list)
+
+    @property
+    def slower_shapes(self) -> list:
+        """The measured shapes where a sparse step costs more than the dense call it replaces."""
+        return [c for c in self.step_costs if c.slower]
 
     @property
     def dense_backend(self) -> str | None:
@@ -82,6 +91,7 @@ class Stats:
             f"dense kernel {self.dense_backend or '-'}",
             "step | kind   | forwards | sparse calls | dense calls | density",
         ]
+        lines[1:1] = [f"sparse vs dense: {c.describe()}" for c in self.step_costs]
         for s in self.steps:
             dens = "-" if s.density is None else f"{s.density:.4f}"
             lines.append(f"{s.step:4d} | {s.kind:6s} | {s.forwards:8d} | {s.sparse_calls:12d} | "

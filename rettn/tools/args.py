@@ -152,6 +152,8 @@ CONFIG_HELP = {
     "min_seq_len": "layers whose sequence is shorter stay dense",
     "residual_dtype": "dtype of the cached R (default: the attention's)",
     "backend": "sparse attention kernel (default: auto)",
+    "fallback_when_slower": "run a call shape dense where its sparse steps are measured slower than dense "
+                            "(rettn always warns there)",
 }
 # The argument type of a field where its annotation's default (below) is not the one.
 CONFIG_TYPES = {"block_size": positive_int}
@@ -168,7 +170,8 @@ _TYPES = {"float": float, "int": nonneg_int, "int | float": schedule_value, "int
 
 # Which fields each command exposes (dataclass order is the order of --help).
 GENERATE_FIELDS = ("keep", "pattern", "block_size", "reselect", "warmup", "refresh_interval", "dense_final", "ramp",
-                   "use_rho", "use_residual", "min_seq_len", "residual_dtype", "backend")
+                   "use_rho", "use_residual", "min_seq_len", "residual_dtype", "backend",
+                   "fallback_when_slower")
 PROFILE_FIELDS = ("keep", "pattern", "block_size", "reselect", "warmup", "refresh_interval", "dense_final",
                   "min_seq_len", "backend")
 EVAL_FIELDS = ("block_size", "reselect", "warmup", "refresh_interval", "dense_final", "min_seq_len", "backend")

@@ -9,12 +9,15 @@ Bad input gets one line ``rettn: error: <message>`` on stderr and exit code 2: a
 :class:`rettn.errors.RettnError` (what the commands check), or a usage error of the parser
 (:class:`rettn.tools.args.Parser`: a wrong value or a missing argument, checked before anything
 loads; its line ends with ``(see rettn <command> --help)``). Any other exception is a bug and
-shows its traceback.
+shows its traceback. rettn's own warnings (:class:`rettn.errors.RettnWarning`, e.g. a sparse step
+measured slower than dense) are one line on stderr too, without Python's source line.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from rettn.tools import args as common
 
@@ -34,4 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The console script ``rettn`` (and ``python -m rettn``): the exit code."""
     args = build_parser().parse_args(argv)  # usage errors: one line, SystemExit(2)
-    return common.report_errors(args.handler, args)
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        show = warnings.showwarning
+        warnings.showwarning = lambda message, category, *a, **kw: (
+            show_warning(message, category) if _is_rettns(category) else show(message, category, *a, **kw))
+        return common.report_errors(args.handler, args)
+
+
+def _is_rettns(category) -> bool:
+    from rettn.errors import RettnWarning
+
+    return issubclass(category, RettnWarning)
+
+
+def show_warning(message, category=None, file=None):
+    """One of rettn's warnings, as the command line shows it: its message, one line on stderr."""
+    print(" ".join(str(message).split()), file=file or sys.stderr)

@@ -233,12 +233,20 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
     else:
         if args.compare:
             dense, record["dense_seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
-        handle = _apply(apply, pipe, config)
+        clocks = _clocks(pipe, device) if args.compare else None  # before rettn: its work is timed too
         try:
-            data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
-            stats = handle.stats()
+            handle = _apply(apply, pipe, config)
+            try:
+                if clocks is not None:
+                    clocks.watch(handle.engine)
+                data, record["seconds"] = _run(pipe, _call_kwargs(args, pipe, prompt, seed, device), device)
+                stats = handle.stats()
+            finally:
+                handle.remove()
+            pays = _pays_line(clocks, stats, config, device) if clocks is not None else None
         finally:
-            handle.remove()
+            if clocks is not None:
+                clocks.remove()
         record["density"] = stats.mean_density()
         record["steps"] = stats.counts()
     _write_media(target, data, is_video, args)
@@ -256,7 +264,48 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
         print(f"{target.name}: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f}{lp}; dense {record['dense_seconds']:.2f} s, "
               f"rettn {record['seconds']:.2f} s, speedup {speed:.2f}x vs {vs}; side by side (dense | rettn): {both}")
         record["speedup"], record["speedup_vs"] = speed, vs
+        if pays is not None:
+            record.update(pays[1])
+            print(pays[0])
     return record
+
+
+def _clocks(pipe, device):
+    """The step clocks of the rettn run of ``--compare`` (None: no transformer to hook)."""
+    from rettn.tools.breakeven import RunClocks
+
+    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    return RunClocks(model, device) if isinstance(model, torch.nn.Module) else None
+
+
+def _pays_line(clocks, stats, config, device):
+    """(the line that says whether sparsity pays here, its numbers for the JSON summary)."""
+    from rettn.tools import breakeven
+
+    shape = clocks.capture.shape
+    if shape is None:  # no attention call reached rettn
+        return None
+    share = clocks.attention_share(stats.kinds())
+    counts, costs = stats.counts(), clocks.kind_costs(stats.kinds())
+    if not counts["cache"] and not counts["sparse"]:
+        return None  # an all-dense schedule: nothing to weigh
+    paid = breakeven.run_pays(costs, counts)  # None: no dense step in the run to weigh against
+    rows = [] if paid is None else [(shape[2], *(costs.get(k) for k in ("dense", "cache", "sparse")))]  # per step
+    first = shape[2] if paid else None
+    if first is None:  # longer sequences: the ops at the run's shape and its counted density
+        keep = stats.mean_density() or config.keep
+        lengths = breakeven.lengths_from(shape[2])
+        first, more = breakeven.pays_from(shape[0], shape[1], shape[3], clocks.capture.dtype, device, keep,
+                                          config.block_size, lengths if rows else [shape[2], *lengths],
+                                          counts["cache"], counts["sparse"], backend=config.backend)
+        rows += more
+    text = breakeven.line(share, shape[2], first, rows, device, config.keep, counts)
+    numbers = {"attention_share": None if share is None else share[0], "sparse_pays_from": first,
+               "pays_measured": [{"tokens": n, "dense_s": d, "cache_s": c, "sparse_s": s_,
+                                  "per": "step of this run" if i == 0 and paid is not None else "attention call (ops)"}
+                                 for i, (n, d, c, s_) in enumerate(rows)],
+               "sparse_slower_shapes": [str(c.shape) for c in stats.slower_shapes]}
+    return text, numbers
 
 
 def _summarise(state, results, skipped, seconds, preset, config) -> dict:
