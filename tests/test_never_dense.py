@@ -137,3 +137,11 @@ def test_bare_mochi_counts_six_steps(convention):
     handle.remove()
     assert stats.generations == 1 and len(stats.steps) == 6
     assert stats.kinds() == ["dense", "dense", "cache", "sparse", "sparse", "cache"]
+
+
+def test_docs_errors_md_quotes_the_message():
+    from pathlib import Path
+
+    cfg = RettnConfig.from_preset("cogvideox-2b")
+    note = schedule_problem(cfg, cfg.schedule(4).kinds(4), 4)
+    assert f"`{note}`" in (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()

@@ -382,7 +382,7 @@ def schedule_problem(config: RettnConfig, kinds: list[str], num_steps: int | Non
                 f"Change it: e.g. warmup={w}, refresh_interval={interval}" + (", dense_final=0" if config.dense_final
                                                                               else "")
                 + f" (step counts) give {d['dense']} dense, {d['cache']} cache and {d['sparse']} sparse steps at "
-                f"{n} steps; or use more steps (num_inference_steps)")
+                f"{n} steps; or use more steps (num_inference_steps; --steps on the command line)")
     return head + f"{n} step(s) leave no room for a sparse step: run this model without rettn (handle.remove())"
 
 
