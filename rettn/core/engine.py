@@ -112,7 +112,7 @@ class Engine:
         """Forget all statistics and step history (the next call starts a new generation)."""
         self.tracker.reset()
         self.clear_cache()
-        self.records = []
+        self.records, self.schedule_check.note = [], None
         self.kind = "dense"
         self.peak_bytes = 0
         self.dense_kernels = {}
