@@ -63,6 +63,13 @@ class SlowerThanDenseWarning(RettnWarning, RuntimeWarning):
     (once per shape; ``RettnConfig(fallback_when_slower=True)`` runs those calls dense)."""
 
 
+class ScheduleWarning(RettnWarning, RuntimeWarning):
+    """A schedule that resolves to no sparse step (every step dense, or a cache step every step
+    after warm-up: slower than dense), once per step count and schedule; ``handle.stats()`` says
+    so too (``Stats.schedule_warning``)."""
+
+
 __all__ = ["RettnError", "ConfigError", "InputError", "InputTypeError", "UnsupportedModelError", "NotReachedError", "StateError",
            "UnsupportedError",
-           "MemoryBudgetError", "NumericalError", "UsageError", "RettnWarning", "SlowerThanDenseWarning"]
+           "MemoryBudgetError", "NumericalError", "UsageError", "RettnWarning", "SlowerThanDenseWarning",
+           "ScheduleWarning"]

@@ -342,6 +342,50 @@ class Schedule:
         return [self.kind(i) for i in range(num_steps)]
 
 
+def _counts(kinds) -> dict:
+    return {k: list(kinds).count(k) for k in STEP_KINDS}
+
+
+def schedule_problem(config: RettnConfig, kinds: list[str], num_steps: int | None) -> str | None:
+    """Why a generation whose steps are ``kinds`` is slower than dense, with what to change; None
+    when it has a sparse step (or no step at all). ``num_steps`` is the step count the schedule
+    was resolved for (None: a bare transformer whose schedule followed the timestep's progress,
+    ``kinds`` are the steps recorded so far)."""
+    c = _counts(kinds)
+    if not kinds or c["sparse"]:
+        return None
+    n = len(kinds) if num_steps is None else num_steps
+    every = c["cache"] >= 2 and all(k == "cache" for k in kinds[kinds.index("cache"):] if k != "dense")
+    why = ("a cache step every step after warm-up: each costs a dense step plus a sparse pass, so this is "
+           "slower than without rettn" if every else
+           "every step is dense (rettn only adds its bookkeeping)" if not c["cache"] else
+           "no step is left for a sparse step: the cache steps cost a dense step plus a sparse pass, slower "
+           "than without rettn")
+    fields = f"warmup={config.warmup!r}, refresh_interval={config.refresh_interval!r}" + (
+        f", dense_final={config.dense_final!r}" if config.dense_final else "")
+    gen = f"this {n}-step generation" if num_steps is not None else f"the {n} steps seen of this generation"
+    head = (f"rettn: the schedule of {gen} resolves to {c['dense']} dense, {c['cache']} cache and 0 sparse "
+            f"steps ({fields}): {why}. ")
+    if num_steps is None:
+        return head + (
+            "The step count is unknown (a bare transformer): fractions were read against the timestep's "
+            "progress. Give rettn the step count (RettnConfig(num_inference_steps=N) or "
+            "handle.set_num_inference_steps(N)), or write refresh_interval as a step count >= 2 and a "
+            "smaller warmup (e.g. warmup=2, refresh_interval=3)")
+    warm = config._steps(config.warmup, n)
+    interval = max(2, config._steps(config.refresh_interval, n))
+    for w in sorted({warm, min(warm, max(1, n // 4)), 1, 0}, reverse=True):
+        s = Schedule(w, interval, n).kinds(n)
+        if w <= warm and "sparse" in s:
+            d = _counts(s)
+            return head + (
+                f"Change it: e.g. warmup={w}, refresh_interval={interval}" + (", dense_final=0" if config.dense_final
+                                                                              else "")
+                + f" (step counts) give {d['dense']} dense, {d['cache']} cache and {d['sparse']} sparse steps at "
+                f"{n} steps; or use more steps (num_inference_steps; --steps on the command line)")
+    return head + f"{n} step(s) leave no room for a sparse step: run this model without rettn (handle.remove())"
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("rettn.configs.presets").iterdir()
                   if p.name.endswith(".yaml"))

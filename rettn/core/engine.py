@@ -24,7 +24,7 @@ from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.pays import SLOWER, CostMeter, ShapeCost
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
 from rettn.core.state import CacheEntry, CallInfo, LayerSlot, budget_error, not_finite_error, statistics_bytes
-from rettn.core.stats import Stats, StepRecord
+from rettn.core.stats import ScheduleCheck, Stats, StepRecord
 from rettn.core.tracking import StepTracker, progress_kind
 from rettn.errors import ConfigError
 from rettn.ops import selection
@@ -86,6 +86,7 @@ class Engine:
         # the output of a masked call under torch.compile: (q, k, v, mask, scale, info) -> out
         self.mask_hook = None
         self.costs = CostMeter(config.fallback_when_slower)  # sparse vs dense per call shape (pays.py)
+        self.schedule_check = ScheduleCheck()  # never silently dense: warns on a schedule with no sparse step
 
     # ----------------------------------------------------------------- observers
     def observe(self, observer: Observer) -> Observer:
@@ -111,7 +112,7 @@ class Engine:
         """Forget all statistics and step history (the next call starts a new generation)."""
         self.tracker.reset()
         self.clear_cache()
-        self.records = []
+        self.records, self.schedule_check.note = [], None
         self.kind = "dense"
         self.peak_bytes = 0
         self.dense_kernels = {}
@@ -124,15 +125,15 @@ class Engine:
     def start_generation(self, num_steps: int | None):
         self.generations += 1
         self.clear_cache()
-        self.records = []
         self.dense_kernels = {}
         self.model = None
         if num_steps is not None:
             self.num_steps = num_steps
         self._progress_state = {}
         # no step count (a bare transformer): the schedule's fractions are read against the
-        # timestep's progress instead (see _kind_from_progress)
-        self.schedule = self.config.schedule(self.num_steps) if self.num_steps is not None else None
+        # timestep's progress instead (see _kind_from_progress); no sparse step warns (ScheduleCheck)
+        self.schedule = self.schedule_check.start(self.config, self.num_steps, self.records)
+        self.records = []
 
     def on_forward(self, timestep: float, num_steps_fn=None, model: int = 0):
         """A transformer call, its step guessed from the timestep (bare transformers)."""
@@ -160,7 +161,7 @@ class Engine:
         self.step, self.branch = step, branch
         if not self.records or self.records[-1].step != step:
             self.kind = self._step_kind(step, progress)
-            self.records.append(StepRecord(step, self.kind))
+            self.schedule_check.add(self.records, StepRecord(step, self.kind))
         else:
             self.kind = self.records[-1].kind
         record = self.records[-1]
@@ -240,7 +241,7 @@ class Engine:
         self.flush()
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
                      self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels),
-                     self.costs.report())
+                     self.costs.report(), self.schedule_check.finish(self.records))
 
     # ----------------------------------------------------------------- selection
     def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:

@@ -3,9 +3,13 @@ for the whole generation (``handle.stats()``)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from rettn.core.config import schedule_problem
+from rettn.errors import ScheduleWarning
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Stats:
     # (rettn.core.pays.ShapeCost: shape, dense_s, sparse_s, slower, fallback); empty until a shape
     # has had both dense and sparse steps
     step_costs: list = field(default_factory=list)
+    # never silently dense: why this generation's schedule has no sparse step (slower than dense)
+    # and what to change, or None (ScheduleCheck; the same text was warned as a ScheduleWarning)
+    schedule_warning: str | None = None
 
     @property
     def slower_shapes(self) -> list:
@@ -92,8 +99,65 @@ class Stats:
             "step | kind   | forwards | sparse calls | dense calls | density",
         ]
         lines[1:1] = [f"sparse vs dense: {c.describe()}" for c in self.step_costs]
+        if self.schedule_warning:
+            lines.insert(1, "schedule: NO SPARSE STEP: " + self.schedule_warning.removeprefix("rettn: "))
         for s in self.steps:
             dens = "-" if s.density is None else f"{s.density:.4f}"
             lines.append(f"{s.step:4d} | {s.kind:6s} | {s.forwards:8d} | {s.sparse_calls:12d} | "
                          f"{s.dense_calls:11d} | {dens}")
         return "\n".join(lines)
+
+
+class ScheduleCheck:
+    """Never silently dense: a generation whose schedule has no sparse step warns once (a
+    :class:`~rettn.errors.ScheduleWarning`) per step count and resolved schedule, and
+    :attr:`note` holds the same text for ``stats()``.
+
+    With the step count known, the schedule is judged when the generation starts. Without it (a
+    bare transformer: the schedule follows the timestep's progress) the recorded steps are
+    judged: as soon as two cache steps follow each other with no sparse step yet (the interval
+    resolved to every step), and at the end of the generation (``stats()``, or the next
+    generation's start)."""
+
+    def __init__(self):
+        self.warned: set = set()  # (step count or None, dense, cache) already warned
+        self.config = None
+        self.known = True  # this generation's step count was known at its start
+        self.note: str | None = None
+        self._warned_now = False  # this generation warned already
+
+    def start(self, config, num_steps: int | None, records: list):
+        """A new generation: judge the last one (when it ran without a step count), then resolve
+        and judge this one's schedule. Returns the Schedule (None without a step count)."""
+        self.finish(records)
+        self.config, self.known, self.note, self._warned_now = config, num_steps is not None, None, False
+        if num_steps is None:
+            return None
+        schedule = config.schedule(num_steps)
+        self._judge(schedule.kinds(num_steps), num_steps)
+        return schedule
+
+    def add(self, records: list, record):
+        """Append a new step's record; two cache steps in a row and no sparse step yet warn now."""
+        records.append(record)
+        if not self.known and not self._warned_now and record.kind == "cache" and len(records) > 1 \
+                and records[-2].kind == "cache" and not any(r.kind == "sparse" for r in records):
+            self._judge([r.kind for r in records], None)
+
+    def finish(self, records: list) -> str | None:
+        """The note on the generation ``records`` holds (judged from them without a step count)."""
+        if not self.known and self.config is not None and records:
+            self._judge([r.kind for r in records], None)
+        return self.note
+
+    def _judge(self, kinds: list, num_steps: int | None):
+        note = schedule_problem(self.config, kinds, num_steps)
+        self.note = note
+        if note is None or self._warned_now:
+            return
+        every = not self.known and kinds[-2:] == ["cache", "cache"]  # the interval resolved to every step
+        key = (num_steps, "every") if every else (num_steps, len(kinds), kinds.count("dense"), kinds.count("cache"))
+        self._warned_now = True
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(note, ScheduleWarning, stacklevel=5)

@@ -11,13 +11,22 @@ class StepTracker:
     generation; an equal timestep is another call of the same step (Wan calls cond, then uncond);
     a lower one is the next step. ``rising=True`` is for models whose timestep grows as denoising
     goes on (Z-Image passes ``(1000 - t) / 1000``): the comparisons flip.
+
+    ``rising`` is the model family's convention, which a caller of a bare transformer may not
+    follow (a bare Mochi transformer driven with falling timesteps, as every other family takes
+    them, read as one new generation per call): the first move of the tracker's first generation
+    decides. When it goes against the family's direction, the direction flips (``flipped``) and
+    that call is step 1; after that first move, a move back is a new generation as before.
     """
 
     def __init__(self, rising: bool = False):
-        self.rising = rising
+        self.expected = rising  # the family's convention (reset() goes back to it)
         self.reset()
 
     def reset(self):
+        self.rising = self.expected
+        self.flipped = False
+        self.settled = False  # the direction is known: the first generation has made a step
         self.prev_t: float | None = None
         self.first_t: float | None = None
         self.step = -1
@@ -26,6 +35,11 @@ class StepTracker:
 
     def on_forward(self, t: float) -> bool:
         """Advance on a transformer call with timestep ``t``; True when a new generation starts."""
+        if not self.settled and self.prev_t is not None and t != (-self.prev_t if self.rising else self.prev_t):
+            self.settled = True  # the first move: it sets the direction
+            if (t < -self.prev_t) if self.rising else (t > self.prev_t):  # against the expected one
+                self.rising, self.flipped = not self.rising, True
+                self.prev_t, self.first_t = -self.prev_t, -self.first_t
         if self.rising:
             t = -t
         new_gen = self.prev_t is None or t > self.prev_t
@@ -48,6 +62,8 @@ class StepTracker:
         decreasing timesteps; Z-Image's rising ones end at 1). None before any call."""
         if self.prev_t is None:
             return None
+        if self.flipped:  # the family's end is on the other side: falling ends at 0, rising at the scale
+            end = (1000.0 if abs(self.first_t) > 1 or abs(self.prev_t) > 1 else 1.0) if self.rising else 0.0
         end = -end if self.rising else end
         span = self.first_t - end
         return 0.0 if span <= 0 else min(1.0, max(0.0, (self.first_t - self.prev_t) / span))

@@ -13,9 +13,9 @@ import torch
 from rettn.core import engine as eng
 from rettn.core.config import RettnConfig
 from rettn.errors import ConfigError, InputError, NotReachedError, UnsupportedModelError
-from rettn.core.engine import CallInfo, Engine, Stats
+from rettn.core.engine import Engine, Stats
 from rettn.diffusers import families as fam
-from rettn.diffusers.parallel import context_parallel
+from rettn.diffusers.calls import CallFacts
 from rettn.diffusers.processor import (
     OTHER,
     RettnProcessor,
@@ -102,7 +102,7 @@ class RettnHandle:
                 if kind in ("self", "auto", "cross"):
                     self.layers.append(key)
                 set_processor(module, wrapper_class(type(orig))(orig, self, r["layer"], kind, key, slot, i))
-        self._forward_args: dict = {}
+        self.calls = CallFacts(self.families)  # what the processors read of each transformer call
         self._signatures = [inspect.signature(m.forward) for m in self.models]
         self._steps = PipelineSteps(pipeline) if pipeline is not None else None
         self._listeners = [attach_context_listener(m) for m in self.models]
@@ -146,7 +146,7 @@ class RettnHandle:
             step, branch, new_generation, num_steps = position
             engine.tracker.on_forward(t)  # kept in step, for a later fallback
             engine.begin_forward(step, branch, new_generation, num_steps, model=index)
-        self._forward_args = {
+        self.calls.forward_args = {
             "text_len": fam.text_length(family, bound),
             "grid": fam.read_grid(family, module, bound),
         }
@@ -176,33 +176,6 @@ class RettnHandle:
             warnings.warn(
                 f"rettn: {len(missed)} self-attention module(s) never reached the engine and run dense "
                 f"(first: {missed[0]}); handle.describe() lists them", RuntimeWarning, stacklevel=3)
-
-    def _check_parallel(self, processor):
-        context_parallel(getattr(processor, "_parallel_config", None))
-
-    def _family_of(self, slot) -> fam.Family:
-        return self.families[slot.model]
-
-    def _call_info(self, slot, kind: str, seq: int, row=None, padding: int = 0, call: int = 0) -> CallInfo:
-        """Dense spans (conditioning tokens), grid and video start for an attention call over
-        ``seq`` tokens; ``padding`` tokens were cut from the end of this row's sequence."""
-        family = self._family_of(slot)
-        grid = self._forward_args.get("grid")
-        video = grid[0] * grid[1] * grid[2] if grid is not None else None
-        if family.conditioning == "non-grid" and video is not None:
-            text = seq - video  # registers, padding, several text encoders: all conditioning
-        else:
-            text = self._forward_args.get("text_len", 0) - padding
-        spans, text_first = [], 0
-        if kind == "self" and family.text and 0 < text < seq and seq != video:
-            if family.text == "first":
-                spans, text_first = [(0, text)], text
-            else:
-                spans = [(seq - text, seq)]
-        if video is not None and video + (text if spans else 0) != seq:
-            grid = None  # this call's sequence is not [text +] the video grid
-        return CallInfo(kind=kind, dense_spans=spans, grid=grid, text_first=text_first, row=row, slot=slot,
-                        call=call)
 
     # ------------------------------------------------------------------ public
     def stats(self) -> Stats:

@@ -146,12 +146,12 @@ class _Frame:
         if role == "self" and q.shape[2] != k.shape[2]:
             # queries over [text, image] keys (Qwen-Image 2.1, PRX, NucleusMoE): the family says
             # which side the extra keys sit on; they stay dense
-            side, extra = self.handle._family_of(slot).kv_text, k.shape[2] - q.shape[2]
+            side, extra = self.handle.calls.family_of(slot).kv_text, k.shape[2] - q.shape[2]
             if side is None or extra <= 0:
                 return engine.note_dense(slot, eng.NOT_SELF)
             key_spans = [(0, extra)] if side == "first" else [(q.shape[2], k.shape[2])]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        info = self.handle._call_info(slot, role, q.shape[2], call=self.index)
+        info = self.handle.calls.call_info(slot, role, q.shape[2], call=self.index)
         info.key_spans, info.dense_with = key_spans, self.dense_with
         if attn_mask is None:
             return engine.attend(q, k, v, scale, info)
@@ -180,7 +180,7 @@ def masked_attend(handle: "RettnHandle", q, k, v, attn_mask, scale, info):
     seq, outs = q.shape[2], []
     for b, n in enumerate(valid):
         qb, kb, vb = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
-        row_info = handle._call_info(slot, role, n, row=b, padding=seq - n, call=info.call)
+        row_info = handle.calls.call_info(slot, role, n, row=b, padding=seq - n, call=info.call)
         row_info.dense_with = info.dense_with
         head = engine.attend(qb[:, :, :n], kb, vb, scale, row_info)
         if head is None:  # this row stays dense (e.g. shorter than min_seq_len)
@@ -251,7 +251,7 @@ class RettnProcessor:
         if self.kind == "other" or (self.kind == "cross" and not handle.config.sparse_cross_attention):
             handle.engine.note_dense(self.slot, eng.CROSS if self.kind == "cross" else OTHER)
             return self.original(attn, *args, **kwargs)
-        handle._check_parallel(self.original)
+        handle.calls.check_parallel(self.original)
         backend = user_backend(self.original)
         frame = _Frame(handle, self.slot, self.kind, fallback=backend, dense_with=dense_backend_of(self.original))
         if backend is not None:  # a backend that never calls torch's SDPA: native for this call
