@@ -466,7 +466,9 @@ def test_generate_write_error_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rettn.tools.media, "write", full_disk)
     out = tmp_path / "clip.gif"
-    line = cli_error(["generate", "--prompt", "x", "--out", str(out)] + FAST, capsys)
+    # a schedule with a sparse step at 2 steps (else a ScheduleWarning line comes first)
+    line = cli_error(["generate", "--prompt", "x", "--out", str(out), "--warmup", "0", "--refresh-interval", "2"]
+                     + FAST, capsys)
     assert line == f"rettn: error: cannot write --out '{out}': No space left on device"
 
 
@@ -498,7 +500,8 @@ def test_triton_backend_check_follows_the_kernel_rule(monkeypatch):
 def test_generate_rettn_errors_are_not_blamed_on_the_pipeline(capsys, monkeypatch):
     # a ValueError raised inside rettn's code during the pipeline call keeps its own message
     monkeypatch.setattr(selection, "topk", functools.partial(selection.topk, scale="abc"))
-    line = cli_error(["generate", "--prompt", "x", "--pattern", "topk", "--warmup", "0"] + FAST, capsys)
+    line = cli_error(["generate", "--prompt", "x", "--pattern", "topk", "--warmup", "0",
+                             "--refresh-interval", "2"] + FAST, capsys)
     assert line == "rettn: error: scale must be a positive number, got 'abc'"
     # the pipeline's own checks are still labelled as such
     line = cli_error(["generate", "--prompt", "x", "--height", "31"] + FAST, capsys)
