@@ -131,7 +131,7 @@ class Engine:
             self.num_steps = num_steps
         self._progress_state = {}
         # no step count (a bare transformer): the schedule's fractions are read against the
-        # timestep's progress instead (see _kind_from_progress); no sparse step warns (ScheduleCheck)
+        # timestep's progress instead (see tracking.progress_kind); no sparse step warns (ScheduleCheck)
         self.schedule = self.schedule_check.start(self.config, self.num_steps, self.records)
         self.records = []
 
@@ -387,7 +387,7 @@ class Engine:
         if cfg.use_rho or use_residual:
             fp8 = form == FP8_RESIDUAL
             rdt = q.dtype if fp8 else RESIDUAL_DTYPES.get(form, q.dtype)
-            with self.region("attention", q.device):  # dense pass + one sparse pass with rho, R fused
+            with self.region("attention", q.device):  # one fused pass, or dense + statistics (chooser)
                 out_d, rho, residual, finite = cache_step_attention(
                     q, k, v, layout, scale=scale, use_rho=cfg.use_rho, use_residual=use_residual,
                     residual_dtype=rdt, check_finite=cfg.check_finite, backend=cfg.backend)

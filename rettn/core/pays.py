@@ -62,7 +62,7 @@ class ShapeCost:
 def _now(device: torch.device):
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(device))  # q's device, whichever device is current
         return event
     return time.perf_counter()
 

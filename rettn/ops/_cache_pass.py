@@ -25,8 +25,6 @@ from rettn.ops._candidates import parse
 from rettn.ops._dispatch import auto_dense, run, run_cache_step
 from rettn.ops.layout import trusted_layout
 
-CACHE_CANDIDATES = ("dense+stats", "fused")  # the two-pass route first: the chooser's agreement baseline
-
 
 @functools.lru_cache(maxsize=None)
 def _triton_cache():

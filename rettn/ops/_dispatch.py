@@ -21,7 +21,9 @@ step, ``out = clamp(rho) * O_sparse + residual``, ``rho_next = rho + ramp`` and 
 ``torch.ops.rettn.cache_step(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend,
 out_dense, lse_dense, use_rho, residual_dtype, check) -> (rho, residual, finite)``: a cache
 step's statistics from the dense pass's output and lse (one Triton launch: the sparse pass with
-rho and R in its epilogue).
+rho and R in its epilogue). The engine's cache step runs ``rettn::cache_pass``
+(:mod:`._cache_pass`: the one-pass kernel, or the dense pass then :func:`run_cache_step`, the
+statistics half); this op stays registered for callers that already have the dense pass.
 
 Inputs are validated by the public functions in :mod:`rettn.ops.attention`, which call these ops.
 """
@@ -258,7 +260,8 @@ def run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, cl
 
 def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho=True, residual_dtype=None,
                    check=False):
-    """The eager cache step behind ``rettn::cache_step``: ``(rho | None, residual | None, finite | None)``."""
+    """A cache step's statistics from the dense pass (``rettn::cache_step``, and ``rettn::cache_pass``'s
+    ``"dense+stats"`` route): ``(rho | None, residual | None, finite | None)``."""
     if backend == "auto":
         backend = _fused_or_chosen(None, None, q, k, v, layout, scale, True)
     if backend == "triton":
