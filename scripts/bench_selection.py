@@ -13,35 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rettn.ops import selection  # noqa: E402
+from rettn.tools.profile.kernels import time_calls  # noqa: E402
 
 
 def _timed(fn, device, repeats: int, inner: int) -> float:
-    """Median ms per call of ``fn`` over ``repeats`` runs of ``inner`` calls each."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / inner)
-    return statistics.median(times)
+    """Median ms per call of ``fn``: ``repeats`` windows of back-to-back calls (at most ``inner``
+    each), timed by the profiler's :func:`~rettn.tools.profile.kernels.time_calls`."""
+    return 1e3 * time_calls({"fn": fn}, device, repeats, warmup=0, max_calls=inner)["fn"]["median_s"]
 
 
 def main(argv=None) -> dict:
@@ -57,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--contiguous", action="store_true", help="(B, H, S, D) storage instead of a view")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--inner", type=int, default=None, help="calls per timed run (default 20 CUDA, 3 CPU)")
+    p.add_argument("--inner", type=int, default=None, help="at most N calls per timed window (default 20 CUDA, 3 CPU)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
