@@ -449,20 +449,15 @@ def test_kernels_and_bytes_per_call_at_the_cogvideox_2b_shape():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_step_ops_fake_and_schema(backend):
-    """torch.library.opcheck on rettn::sparse_step and rettn::cache_step: schema, fake
+    """torch.library.opcheck on rettn::sparse_step (rettn::cache_pass: tests/test_fused_cache.py): schema, fake
     implementation and AOT dispatch agree with the kernels (what torch.compile relies on)."""
     q, k, v = qkv(1, 2, 100, 16, device=DEVICE, seed=40)
     layout = random_layout(1, 2, 100, 100, 32, seed=40, device=DEVICE)
     n, idx = layout.kv_num_blocks, layout.kv_indices
     rho = (torch.rand(1, 2, 100) * 0.5 + 0.5).to(DEVICE)
     residual = (torch.randn(1, 2, 100, 16) * 0.1).to(DEVICE)
-    out_d, lse_d = rettn.attention_with_lse(q, k, v)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     for args in [(q, k, v, n, idx, 32, 32, 0.25, backend, rho, residual, 0.04, True, True),
                  (qt, k, v, n, idx, 32, 32, 0.25, backend, None, residual, 0.0, False, False),
                  (q, k, v, n, idx, 32, 32, 0.25, backend, rho, None, 0.0, True, True)]:
         torch.library.opcheck(torch.ops.rettn.sparse_step.default, args)
-    for args in [(q, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, True, torch.float16, True),
-                 (qt, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, False, torch.float32, False),
-                 (q, k, v, n, idx, 32, 32, 0.25, backend, out_d, lse_d, True, None, True)]:
-        torch.library.opcheck(torch.ops.rettn.cache_step.default, args)

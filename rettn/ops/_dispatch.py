@@ -18,12 +18,8 @@ backend, rho, residual, ramp, clamp, check) -> (out, rho_next, finite)``: Re-tte
 step, ``out = clamp(rho) * O_sparse + residual``, ``rho_next = rho + ramp`` and a 0-d bool
 ``finite`` (one Triton launch; empty outputs where not asked for).
 
-``torch.ops.rettn.cache_step(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend,
-out_dense, lse_dense, use_rho, residual_dtype, check) -> (rho, residual, finite)``: a cache
-step's statistics from the dense pass's output and lse (one Triton launch: the sparse pass with
-rho and R in its epilogue). The engine's cache step runs ``rettn::cache_pass``
-(:mod:`._cache_pass`: the one-pass kernel, or the dense pass then :func:`run_cache_step`, the
-statistics half); this op stays registered for callers that already have the dense pass.
+The engine's cache step is ``rettn::cache_pass`` (:mod:`._cache_pass`: the one-pass kernel, or
+the dense pass then :func:`run_cache_step`, the statistics launch).
 
 Inputs are validated by the public functions in :mod:`rettn.ops.attention`, which call these ops.
 """
@@ -260,8 +256,8 @@ def run_sparse_step(q, k, v, layout, scale, backend, rho, residual, ramp=0.0, cl
 
 def run_cache_step(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho=True, residual_dtype=None,
                    check=False):
-    """A cache step's statistics from the dense pass (``rettn::cache_step``, and ``rettn::cache_pass``'s
-    ``"dense+stats"`` route): ``(rho | None, residual | None, finite | None)``."""
+    """A cache step's statistics from the dense pass (``rettn::cache_pass``'s ``"dense+stats"``
+    route): ``(rho | None, residual | None, finite | None)``."""
     if backend == "auto":
         backend = _fused_or_chosen(None, None, q, k, v, layout, scale, True)
     if backend == "triton":
@@ -328,38 +324,3 @@ def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend, rho,
     rho_next = q.new_empty((b, h, sq) if (rho is not None and ramp) else (0,), dtype=torch.float32)
     ok = q.new_empty(() if check else (0,), dtype=torch.bool)
     return torch.empty_like(q), rho_next, ok
-
-
-@torch.library.custom_op("rettn::cache_step", mutates_args=())
-def cache_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_q: int,
-    block_k: int,
-    scale: float,
-    backend: str,
-    out_dense: torch.Tensor,
-    lse_dense: torch.Tensor,
-    use_rho: bool,
-    residual_dtype: torch.dtype | None,
-    check: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = _layout(q, k, kv_num_blocks, kv_indices, block_q, block_k)
-    rho, residual, ok = cache_step_outputs(q, k, v, layout, scale, backend, out_dense, lse_dense, use_rho,
-                                           residual_dtype, check)
-    f32 = q.new_empty(0, dtype=torch.float32)
-    return (_or_empty(rho, f32), _or_empty(residual, q.new_empty(0, dtype=residual_dtype or q.dtype)),
-            _or_empty(ok, q.new_empty(0, dtype=torch.bool)))
-
-
-@cache_step.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, scale, backend, out_dense, lse_dense, use_rho,
-      residual_dtype, check):
-    b, h, sq, _ = q.shape
-    rho = q.new_empty((b, h, sq) if use_rho else (0,), dtype=torch.float32)
-    residual = torch.empty_like(q, dtype=residual_dtype) if residual_dtype is not None else q.new_empty(0)
-    ok = q.new_empty(() if check else (0,), dtype=torch.bool)
-    return rho, residual, ok
