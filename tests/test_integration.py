@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from tiny_models import FAMILIES, tiny_inputs, tiny_pipeline, tiny_pipeline_kwargs, tiny_transformer
 
 import rettn
-from rettn.diffusers.processor import RettnProcessor
+from rettn.diffusers import processor
+from rettn.diffusers.processor import RettnProcessor, _MaskChecks, _suffix_valid_lengths
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 TIMESTEPS = [950.0, 850.0, 700.0, 600.0, 450.0, 300.0, 200.0, 100.0]
@@ -301,3 +302,144 @@ def test_skip_layers_count_self_attention_layers_in_model_order():
     handle.remove()
     assert 0 in cached_layers and 1 not in cached_layers
     assert stats.steps[2].kind == "cache" and stats.steps[2].dense_calls == 1 and stats.steps[2].sparse_calls >= 1
+
+
+# ------------------------------------------------------------------------------ masks
+def _old_suffix_valid_lengths(mask, batch, seq_k):
+    """The check as it was before it ran on the device in one host read (the reference)."""
+    if mask.dtype != torch.bool or mask.shape[-1] != seq_k:
+        return None
+    if bool(mask.all()):
+        return [seq_k] * batch
+    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
+        return None
+    keys = mask[:, 0, 0].expand(batch, seq_k)
+    valid = keys.sum(-1)
+    expected = torch.arange(seq_k, device=mask.device) < valid.unsqueeze(-1)
+    if not torch.equal(keys, expected) or int(valid.min()) == 0:
+        return None
+    if mask.shape[2] > 1:
+        rows = mask[:, 0].expand(batch, -1, seq_k)
+        for b, n in enumerate(valid.tolist()):
+            real = n if rows.shape[1] == seq_k else rows.shape[1]
+            if not torch.equal(rows[b, :real], expected[b].expand(real, seq_k)):
+                return None
+            pad = rows[b, real:]
+            if pad.numel() and not bool(((pad == expected[b]).all(-1) | pad.all(-1) | ~pad.any(-1)).all()):
+                return None
+    return valid.tolist()
+
+
+def _pad(lengths, sk, sq=1, pad_rows="expected"):
+    """(B, 1, sq, sk): key padding after each row's length; with sq == sk, the query rows past
+    the length are "expected" (the real rows' keys), "all" (True), "none" or "mixed" (in turn)."""
+    keys = torch.arange(sk) < torch.tensor(lengths).unsqueeze(-1)
+    mask = keys[:, None, None].expand(-1, 1, sq, sk).clone()
+    fills = {"expected": [None], "all": [True], "none": [False], "mixed": [None, True, False]}[pad_rows]
+    for b, n in enumerate(lengths if sq == sk else []):
+        for i, r in enumerate(range(n, sk)):
+            if fills[i % len(fills)] is not None:
+                mask[b, 0, r] = fills[i % len(fills)]
+    return mask
+
+
+def _flipped(mask, *index):
+    mask = mask.clone()
+    mask[index] = ~mask[index]
+    return mask
+
+
+MASK_TABLE = [  # (mask, batch, seq_k, expected)
+    (torch.ones(2, 1, 1, 8), 2, 8, None),  # a float mask
+    (torch.ones(2, 1, 1, 7, dtype=torch.bool), 2, 8, None),  # other key count
+    (torch.ones(2, 1, 1, 8, dtype=torch.bool), 2, 8, [8, 8]),
+    (torch.ones(3, 5, 8, dtype=torch.bool), 2, 8, [8, 8]),  # all True: any shape
+    (torch.ones(2, 1, 0, 8, dtype=torch.bool), 2, 8, [8, 8]),  # empty
+    (_pad([5, 3], 8)[:, 0], 2, 8, None),  # 3-D
+    (_pad([5, 3, 4], 8), 2, 8, None),  # batch 3 for 2
+    (_pad([5, 3], 8).expand(2, 2, 1, 8), 2, 8, None),  # per-head mask
+    (_pad([5, 3], 8), 2, 8, [5, 3]),
+    (_pad([6], 8), 3, 8, [6, 6, 6]),  # one row broadcast over the batch
+    (_flipped(_pad([5, 3], 8), 1, 0, 0, 1), 2, 8, None),  # padding in the middle
+    (_pad([5, 0], 8), 2, 8, None),  # a row with no valid key
+    (_pad([5, 3], 8, 8), 2, 8, [5, 3]),  # HunyuanVideo 1.5: (B, 1, S, S)
+    (_pad([5, 3], 8, 8, "all"), 2, 8, [5, 3]),
+    (_pad([5, 3], 8, 8, "none"), 2, 8, [5, 3]),
+    (_pad([5, 3], 8, 8, "mixed"), 2, 8, [5, 3]),  # each padded row one of the three
+    (_flipped(_pad([5, 3], 8, 8), 1, 0, 6, 0), 2, 8, None),  # a padded row of another pattern
+    (_flipped(_pad([5, 3], 8, 8), 0, 0, 2, 6), 2, 8, None),  # a real row sees a padded key
+    (_flipped(_pad([5, 3], 8, 8, "all"), 1, 0, 2, 6), 2, 8, None),
+    (_pad([7], 8, 8, "none"), 2, 8, [7, 7]),
+    (_pad([5, 3], 8, 4), 2, 8, [5, 3]),  # Sq != Sk: every row real
+    (_pad([5, 3], 8, 6), 2, 8, [5, 3]),
+    (_flipped(_pad([5, 3], 8, 4), 1, 0, 3, 0), 2, 8, None),  # ... and each must match
+    (_pad([5, 3], 8, 8, "all").expand(2, 1, 8, 8), 2, 8, [5, 3]),  # expanded (stride 0) rows
+]
+
+
+@pytest.mark.parametrize("case", range(len(MASK_TABLE)))
+def test_mask_check_answers_as_before(case):
+    mask, batch, seq_k, expected = MASK_TABLE[case]
+    assert _old_suffix_valid_lengths(mask, batch, seq_k) == expected  # the table is right
+    assert _suffix_valid_lengths(mask, batch, seq_k) == expected
+
+
+def test_mask_check_agrees_with_the_old_one_on_random_masks():
+    gen = torch.Generator().manual_seed(0)
+    for i in range(300):
+        batch, sk = 1 + i % 3, 4 + i % 5
+        sq = (1, sk, sk, 3)[i % 4]
+        lengths = torch.randint(0, sk + 1, (batch if i % 5 else 1,), generator=gen).tolist()
+        mask = _pad(lengths, sk, sq, ("expected", "all", "none", "mixed")[i % 7 % 4])
+        if i % 3:  # a few flipped entries
+            flips = torch.rand(mask.shape, generator=gen) < 0.02 * (i % 3)
+            mask = mask ^ flips
+        assert _suffix_valid_lengths(mask, batch, sk) == _old_suffix_valid_lengths(mask, batch, sk), (i, mask)
+
+
+def _counting(monkeypatch):
+    checks, real = [], processor._suffix_valid_lengths  # counts the checks (holds no mask)
+    monkeypatch.setattr(processor, "_suffix_valid_lengths", lambda *a: checks.append(1) or real(*a))
+    return checks
+
+
+def test_mask_check_once_per_mask_tensor(monkeypatch):
+    checks, memo = _counting(monkeypatch), _MaskChecks(size=2)
+    mask = _pad([5, 3], 8)
+    assert memo.valid_lengths(mask, 2, 8) == [5, 3] and memo.valid_lengths(mask, 2, 8) == [5, 3]
+    assert len(checks) == 1
+    assert memo.valid_lengths(mask[:1], 1, 8) == [5] and len(checks) == 2  # another tensor
+    mask[1, 0, 0, 3:] = True  # in place: checked again
+    assert memo.valid_lengths(mask, 2, 8) == [5, 8] and len(checks) == 3
+    assert memo.valid_lengths(mask, 3, 8) is None and len(checks) == 4  # other batch
+    assert memo.valid_lengths(mask, 3, 8) is None and len(checks) == 4  # None is kept too
+    assert len(memo) == 2  # the last two only
+    del mask
+    for lengths in ([2, 4], [4, 2], [2, 4]):  # a freed tensor's answer never serves a new one (ids get reused)
+        assert memo.valid_lengths(_pad(lengths, 8), 2, 8) == lengths
+    assert len(checks) == 7
+    with torch.inference_mode():  # no version counter: checked at every call
+        mask = _pad([5, 3], 8)
+        memo.valid_lengths(mask, 2, 8), memo.valid_lengths(mask, 2, 8)
+    assert len(checks) == 9
+
+
+@torch.no_grad()
+def test_masked_model_checks_each_forwards_mask_once(monkeypatch):
+    """HunyuanVideo's padded text: every layer of a forward gets the same mask tensor; its check
+    (and host read) runs once per forward, not once per layer, and the output is the old check's."""
+    model = tiny_transformer("hunyuanvideo", qk_gain=8.0)
+
+    def run():
+        with rettn.apply_rettention(model, keep=0.1, **SMALL) as handle:
+            out = generate(model, "hunyuanvideo", timesteps=TIMESTEPS[:4])
+            assert handle.stats().kinds() == ["dense", "dense", "cache", "sparse"]
+        return out
+
+    checks, calls, real = _counting(monkeypatch), [], processor.mask_checks.valid_lengths
+    monkeypatch.setattr(processor.mask_checks, "valid_lengths", lambda *a: calls.append(1) or real(*a))
+    out = run()
+    assert len(checks) == 4 and len(calls) == 8  # 4 forwards, 2 masked layers in each
+    monkeypatch.setattr(processor, "_suffix_valid_lengths", _old_suffix_valid_lengths)
+    monkeypatch.setattr(processor.mask_checks, "size", 0)  # the old check, at every call
+    assert torch.equal(run(), out)

@@ -5,6 +5,8 @@ it stays dense. (How it all fits: rettn/diffusers/apply.py.)"""
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,28 +67,87 @@ def _suffix_valid_lengths(mask, batch, seq_k):
     """For a key-padding mask (True = keep, padding at the end of the keys), the valid key count
     of each batch row; None for any other mask. The mask may be (B, 1, 1, Sk), or (B, 1, Sq, Sk)
     whose rows of real tokens all share the pattern (HunyuanVideo 1.5); an all-True mask of any
-    shape keeps every key."""
+    shape keeps every key. A row with no valid key makes it None.
+
+    Dtype and shape are checked on the host; every check on the values runs on the mask's device
+    and comes back in one host read. :data:`mask_checks` keeps the answer per mask tensor."""
     if mask.dtype != torch.bool or mask.shape[-1] != seq_k:
         return None
-    if bool(mask.all()):
+    if not mask.numel():
+        return [seq_k] * batch  # empty: nothing masked out (what mask.all() says)
+    padding = mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[1] == 1
+    parts = [mask.all().view(1)]
+    if padding:
+        # the mask's own batch rows (1 or B): a single row is broadcast over the batch
+        keys = mask[:, 0, 0]  # the first query row is a real token's
+        valid = keys.sum(-1)
+        expected = torch.arange(seq_k, device=mask.device) < valid.unsqueeze(-1)
+        ok = (keys == expected).all() & (valid > 0).all()
+        if mask.shape[2] > 1:  # every real query row must see the same keys; padded rows the same, all or none
+            rows, self_rows = mask[:, 0], mask.shape[2] == seq_k  # then query rows past n are padding
+            positions = torch.arange(mask.shape[2], device=mask.device)
+            for b in range(rows.shape[0]):
+                fine = (rows[b] == expected[b]).all(-1)  # (Sq,): the row sees exactly the real keys
+                if self_rows:
+                    pad = positions >= valid[b]
+                    fine = fine | (pad & (rows[b].all(-1) | ~rows[b].any(-1)))
+                ok = ok & fine.all()
+        parts += [ok.view(1), valid.expand(batch)]
+    answer = torch.cat([p.to(torch.int64) for p in parts]).tolist()  # the one host read
+    if answer[0]:
         return [seq_k] * batch
-    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
+    if not padding or not answer[1]:
         return None
-    keys = mask[:, 0, 0].expand(batch, seq_k)  # the first query row is a real token's
-    valid = keys.sum(-1)
-    expected = torch.arange(seq_k, device=mask.device) < valid.unsqueeze(-1)
-    if not torch.equal(keys, expected) or int(valid.min()) == 0:
+    return answer[2:]
+
+
+def _version(t: torch.Tensor):
+    """The tensor's in-place version counter; None for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
         return None
-    if mask.shape[2] > 1:  # every real query row must see the same keys; padded rows the same, all or none
-        rows = mask[:, 0].expand(batch, -1, seq_k)
-        for b, n in enumerate(valid.tolist()):
-            real = n if rows.shape[1] == seq_k else rows.shape[1]
-            if not torch.equal(rows[b, :real], expected[b].expand(real, seq_k)):
-                return None
-            pad = rows[b, real:]
-            if pad.numel() and not bool(((pad == expected[b]).all(-1) | pad.all(-1) | ~pad.any(-1)).all()):
-                return None
-    return valid.tolist()
+
+
+class _MaskChecks:
+    """:func:`_suffix_valid_lengths`'s answers for the last ``size`` mask tensors: the layers of
+    one transformer forward get the same mask tensor, and pay the check (and its host read) once.
+
+    An entry serves only the same tensor object (held by a weakref, so a freed tensor whose id is
+    reused never matches), unchanged since (its version counter: an in-place change checks it
+    again), for the same batch and key count. Inference tensors keep no version counter: they
+    are checked at every call. A fresh mask tensor at each call is simply checked each time."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: list = []  # (weakref, version, (batch, seq_k), answer), newest last
+        self._lock = threading.Lock()
+
+    def valid_lengths(self, mask, batch, seq_k):
+        version = _version(mask)
+        if version is None:
+            return _suffix_valid_lengths(mask, batch, seq_k)
+        key = (batch, seq_k)
+        with self._lock:
+            for ref, ver, k, answer in reversed(self._items):
+                if ref() is mask and ver == version and k == key:
+                    return None if answer is None else list(answer)
+        answer = _suffix_valid_lengths(mask, batch, seq_k)
+        item = (weakref.ref(mask), version, key, None if answer is None else tuple(answer))
+        with self._lock:
+            live = [i for i in self._items if i[0]() is not None]
+            self._items = (live + [item])[-self.size:] if self.size > 0 else []
+        return answer
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self):
+        return len(self._items)
+
+
+mask_checks = _MaskChecks()
 
 
 def diffusers_attention(q, k, v, scale, backend: str, **kwargs):
@@ -164,9 +225,10 @@ class _Frame:
 
 def masked_attend(handle: "RettnHandle", q, k, v, attn_mask, scale, info):
     """A call with an attention mask: rettn's output when the mask is key padding at the end of
-    each batch row (or keeps every key), else None (the model's own masked attention runs)."""
+    each batch row (or keeps every key), else None (the model's own masked attention runs). The
+    mask's check costs one host read per mask tensor (:data:`mask_checks`), not one per layer."""
     engine, slot, role = handle.engine, info.slot, info.kind
-    valid = _suffix_valid_lengths(attn_mask, q.shape[0], k.shape[2])
+    valid = mask_checks.valid_lengths(attn_mask, q.shape[0], k.shape[2])  # once per mask tensor
     if valid is None:
         return engine.note_dense(slot, eng.MASK)
     if all(n == k.shape[2] for n in valid):
