@@ -11,8 +11,9 @@ import torch
 from tiny_models import tiny_inputs, tiny_transformer
 
 import rettn
-from rettn.core.config import RettnConfig, schedule_problem
+from rettn.core.config import RettnConfig
 from rettn.core.engine import Engine
+from rettn.core.stats import schedule_problem
 from rettn.core.tracking import StepTracker
 from rettn.errors import RettnWarning, ScheduleWarning
 

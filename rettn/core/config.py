@@ -27,6 +27,8 @@ RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
                    "float8_e4m3fn": torch.float8_e4m3fn}  # fp8: with a float32 scale per row (core.residual)
 FP8_RESIDUAL = "float8_e4m3fn"
 STEP_KINDS = ("dense", "cache", "sparse")
+AUTO = "auto"  # warmup / refresh_interval decided at run time from the measured staleness (core.adaptive)
+DEFAULT_TOLERANCE = 0.15  # the adaptive schedule's relative-error tolerance when none is given
 
 
 def _is_int(x) -> bool:
@@ -162,6 +164,13 @@ class RettnConfig:
             CogVideoX 50 steps -> warmup 15, interval 5.
         num_inference_steps: only needed for fractions or dense_final when rettn is applied to a
             bare transformer (with a pipeline it is read from the pipeline's scheduler).
+        ``warmup="auto"`` / ``refresh_interval="auto"``: decided at run time from the measured
+            staleness of the cached statistics (:mod:`rettn.core.adaptive`): warm-up ends once
+            one-step-old statistics stay under ``tolerance``, and the interval follows the error
+            measured at each refresh (the longest whose extrapolated error stays within it).
+        tolerance: the adaptive schedule's tolerance on the relative L2 error of the stale
+            statistics' output against the dense output at a cache step (default 0.15 when a field
+            is ``"auto"``; an error when none is).
 
     Statistics (use_rho and use_residual both False = plain sparse attention; use_residual only
     = DiTFastAttn-style window + residual sharing; both = Re-ttention)
@@ -201,6 +210,7 @@ class RettnConfig:
     warmup: int | float | str = 0.3
     refresh_interval: int | float | str = 5
     dense_final: int | float | str = 0
+    tolerance: float | None = None
     num_inference_steps: int | None = None
     ramp: float = 0.04
     clamp_rho: bool = True
@@ -229,7 +239,12 @@ class RettnConfig:
         if self.reselect not in RESELECT:
             raise ConfigError(f"reselect must be one of {RESELECT}, got {self.reselect!r}")
         for name in SCHEDULE_FIELDS:  # int: a step count; float in [0, 1]: a fraction of the steps
-            setattr(self, name, parse_steps(getattr(self, name), name))
+            value = getattr(self, name)
+            if not (name != "dense_final" and isinstance(value, str) and value.strip().lower() == AUTO):
+                setattr(self, name, parse_steps(value, name))
+            else:
+                setattr(self, name, AUTO)
+        self._check_auto()
         n = self.num_inference_steps
         if n is not None and (not _is_int(n) or n <= 0):
             raise ConfigError(f"num_inference_steps must be a positive integer or None, got {n!r}")
@@ -267,6 +282,32 @@ class RettnConfig:
         if self.backend not in BACKEND_CHOICES:
             raise ConfigError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
+    def _check_auto(self):
+        auto = [n for n in ("warmup", "refresh_interval") if getattr(self, n) == AUTO]
+        t = self.tolerance
+        if t is not None and (not _is_number(t) or t <= 0):
+            raise ConfigError(f"tolerance must be a positive number (a relative error, e.g. 0.1), got {t!r}")
+        if t is not None and not auto:
+            raise ConfigError(f"tolerance={t!r} has no meaning without warmup='auto' or refresh_interval='auto' "
+                              f"(the schedule is fixed: warmup={self.warmup!r}, refresh_interval="
+                              f"{self.refresh_interval!r})")
+        if not auto:
+            return
+        self.tolerance = DEFAULT_TOLERANCE if t is None else float(t)
+        if self.warmup == AUTO and self.refresh_interval in (1, 1.0):
+            raise ConfigError("refresh_interval=1 with warmup='auto' has no meaning: after the adaptive warm-up "
+                              "every step would be a cache step (slower than dense); use refresh_interval='auto' "
+                              "or a count >= 2")
+        if not (self.use_rho or self.use_residual):
+            raise ConfigError(f"{' and '.join(f'{n}=' + repr(AUTO) for n in auto)} needs cached statistics to "
+                              "measure: use_rho and use_residual are both False (plain sparse attention has "
+                              "nothing that goes stale); set a fixed schedule")
+
+    @property
+    def is_auto(self) -> bool:
+        """Is the schedule decided at run time (``warmup`` or ``refresh_interval`` is "auto")?"""
+        return AUTO in (self.warmup, self.refresh_interval)
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def field_names(cls) -> list[str]:
@@ -295,6 +336,9 @@ class RettnConfig:
         # is kept as 1.0, which a float argument would spell ambiguously
         kept = {name: Fraction(v) for name in SCHEDULE_FIELDS if name not in changes
                 for v in [getattr(self, name)] if isinstance(v, float)}
+        if "tolerance" not in changes and not any(
+                changes.get(n, getattr(self, n)) == AUTO for n in ("warmup", "refresh_interval")):
+            kept["tolerance"] = None  # the changes fix the schedule: the adaptive tolerance goes with "auto"
         return dataclasses.replace(self, **kept, **changes)
 
     # ----------------------------------------------------------------- schedule
@@ -306,7 +350,11 @@ class RettnConfig:
         return any(isinstance(v, float) for v in fields) or self.dense_final != 0
 
     def schedule(self, num_steps: int | None) -> "Schedule":
-        """The step kinds for a generation of ``num_steps`` steps."""
+        """The step kinds for a generation of ``num_steps`` steps (a fixed schedule: an adaptive
+        one is decided as the generation runs, :class:`rettn.core.adaptive.AutoSchedule`)."""
+        if self.is_auto:
+            raise ConfigError("this schedule is adaptive (warmup or refresh_interval is 'auto'): its steps are "
+                              "decided as the generation runs (handle.stats().kinds() says what it did)")
         if num_steps is None:
             if self.needs_num_steps():
                 raise ConfigError(
@@ -340,50 +388,6 @@ class Schedule:
 
     def kinds(self, num_steps: int) -> list[str]:
         return [self.kind(i) for i in range(num_steps)]
-
-
-def _counts(kinds) -> dict:
-    return {k: list(kinds).count(k) for k in STEP_KINDS}
-
-
-def schedule_problem(config: RettnConfig, kinds: list[str], num_steps: int | None) -> str | None:
-    """Why a generation whose steps are ``kinds`` is slower than dense, with what to change; None
-    when it has a sparse step (or no step at all). ``num_steps`` is the step count the schedule
-    was resolved for (None: a bare transformer whose schedule followed the timestep's progress,
-    ``kinds`` are the steps recorded so far)."""
-    c = _counts(kinds)
-    if not kinds or c["sparse"]:
-        return None
-    n = len(kinds) if num_steps is None else num_steps
-    every = c["cache"] >= 2 and all(k == "cache" for k in kinds[kinds.index("cache"):] if k != "dense")
-    why = ("a cache step every step after warm-up: each costs a dense step plus a sparse pass, so this is "
-           "slower than without rettn" if every else
-           "every step is dense (rettn only adds its bookkeeping)" if not c["cache"] else
-           "no step is left for a sparse step: the cache steps cost a dense step plus a sparse pass, slower "
-           "than without rettn")
-    fields = f"warmup={config.warmup!r}, refresh_interval={config.refresh_interval!r}" + (
-        f", dense_final={config.dense_final!r}" if config.dense_final else "")
-    gen = f"this {n}-step generation" if num_steps is not None else f"the {n} steps seen of this generation"
-    head = (f"rettn: the schedule of {gen} resolves to {c['dense']} dense, {c['cache']} cache and 0 sparse "
-            f"steps ({fields}): {why}. ")
-    if num_steps is None:
-        return head + (
-            "The step count is unknown (a bare transformer): fractions were read against the timestep's "
-            "progress. Give rettn the step count (RettnConfig(num_inference_steps=N) or "
-            "handle.set_num_inference_steps(N)), or write refresh_interval as a step count >= 2 and a "
-            "smaller warmup (e.g. warmup=2, refresh_interval=3)")
-    warm = config._steps(config.warmup, n)
-    interval = max(2, config._steps(config.refresh_interval, n))
-    for w in sorted({warm, min(warm, max(1, n // 4)), 1, 0}, reverse=True):
-        s = Schedule(w, interval, n).kinds(n)
-        if w <= warm and "sparse" in s:
-            d = _counts(s)
-            return head + (
-                f"Change it: e.g. warmup={w}, refresh_interval={interval}" + (", dense_final=0" if config.dense_final
-                                                                              else "")
-                + f" (step counts) give {d['dense']} dense, {d['cache']} cache and {d['sparse']} sparse steps at "
-                f"{n} steps; or use more steps (num_inference_steps; --steps on the command line)")
-    return head + f"{n} step(s) leave no room for a sparse step: run this model without rettn (handle.remove())"
 
 
 def preset_names() -> list[str]:

@@ -19,15 +19,15 @@ from collections import Counter
 import torch
 
 from rettn.core import attend_op
+from rettn.core.adaptive import AutoSchedule
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
+from rettn.core.layouts import select_layout
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
 from rettn.core.pays import SLOWER, CostMeter, ShapeCost
 from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
-from rettn.core.state import CacheEntry, CallInfo, LayerSlot, budget_error, not_finite_error, statistics_bytes
+from rettn.core.state import CacheEntry, CallInfo, LayerSlot, check_budget, not_finite_error, residual_form
 from rettn.core.stats import ScheduleCheck, Stats, StepRecord
 from rettn.core.tracking import StepTracker, progress_kind
-from rettn.errors import ConfigError
-from rettn.ops import selection
 from rettn.ops.attention import (
     backend_choices,
     cache_step_attention,
@@ -36,7 +36,7 @@ from rettn.ops.attention import (
     sparse_step_attention,
 )
 from rettn.ops.layout import BlockSparseLayout
-from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
+from rettn.ops.reference import RHO_FLOOR, relative_error  # noqa: F401  (RHO_FLOOR re-exported)
 
 
 # Why an attention call ran dense (the reasons handle.stats() and handle.describe() show).
@@ -65,6 +65,7 @@ class Engine:
         self.timestep_end = timestep_end
         self.num_steps: int | None = config.num_inference_steps
         self.schedule: Schedule | None = None
+        self.auto: AutoSchedule | None = None  # the adaptive schedule of this generation ("auto" fields)
         self._progress_state: dict = {}  # the timestep-progress schedule's memory (num_steps unknown)
         self.step = -1  # this generation's step and CFG branch (set by begin_forward)
         self.branch = 0
@@ -112,7 +113,7 @@ class Engine:
         """Forget all statistics and step history (the next call starts a new generation)."""
         self.tracker.reset()
         self.clear_cache()
-        self.records, self.schedule_check.note = [], None
+        self.records, self.schedule_check.note, self.auto = [], None, None
         self.kind = "dense"
         self.peak_bytes = 0
         self.dense_kernels = {}
@@ -133,6 +134,7 @@ class Engine:
         # no step count (a bare transformer): the schedule's fractions are read against the
         # timestep's progress instead (see tracking.progress_kind); no sparse step warns (ScheduleCheck)
         self.schedule = self.schedule_check.start(self.config, self.num_steps, self.records)
+        self.auto = AutoSchedule(self.config, self.num_steps) if self.config.is_auto else None
         self.records = []
 
     def on_forward(self, timestep: float, num_steps_fn=None, model: int = 0):
@@ -157,6 +159,8 @@ class Engine:
             for slot in self.slots.values():
                 if slot.model == self.model:
                     slot.entries.clear()
+            if self.auto is not None:
+                self.auto.restart()
         self.model = model
         self.step, self.branch = step, branch
         if not self.records or self.records[-1].step != step:
@@ -170,6 +174,8 @@ class Engine:
             record.models.append(model)
 
     def _step_kind(self, step: int, progress: float | None) -> str:
+        if self.auto is not None:
+            return self.auto.kind(step)
         if self.schedule is not None:
             return self.schedule.kind(step)
         return progress_kind(self.config, self._progress_state, step, progress)
@@ -239,68 +245,32 @@ class Engine:
 
     def stats(self) -> Stats:
         self.flush()
+        if self.auto is not None:
+            self.auto.decide()  # the last cache step's measure too
         return Stats(self.family, self.num_steps, list(self.records), self.cached_bytes,
                      self.peak_bytes, self.generations, backend_choices(), dict(self.dense_kernels),
-                     self.costs.report(), self.schedule_check.finish(self.records))
+                     self.costs.report(), self.schedule_check.finish(self.records),
+                     list(self.auto.refreshes) if self.auto else [], self.auto.summary() if self.auto else None)
 
     # ----------------------------------------------------------------- selection
     def layout(self, q, k, info: CallInfo, keep: float | None = None) -> BlockSparseLayout:
         """The blocks this engine's config selects for one call (``keep`` overrides the config's:
         what ``rettn calibrate``'s probe uses to try several keeps on the same call)."""
         cfg = self.config if keep is None else self.config.replace(keep=keep)
-        bs = cfg.block_size
-        spans = info.dense_spans if cfg.dense_conditioning else []
-        if info.kind == "cross" or cfg.pattern == "topk" or q.shape[2] != k.shape[2]:
-            square = info.kind == "self" and q.shape[2] == k.shape[2]
-            key_spans = info.key_spans if cfg.dense_conditioning else []
-            return selection.topk(q, k, cfg.keep, block_q=bs, dense_spans=spans if square else (),
-                                  dense_key_spans=key_spans)
-        seq = q.shape[2]
-        key = (cfg.pattern, cfg.keep, seq, tuple(spans), info.grid, info.text_first, q.device)
-        layout = self.static_layouts.get(key)
-        if layout is None:
-            if cfg.pattern == "window":
-                layout = selection.window(seq, cfg.keep, bs, dense_spans=spans, device=q.device)
-            else:
-                if info.grid is None:
-                    raise ConfigError(
-                        f"pattern='frame_window' needs the token grid (frames, height, width), which "
-                        f"rettn cannot read for this {self.family} call; use pattern='topk' or 'window'"
-                    )
-                layout = selection.frame_window(info.grid, cfg.keep, bs, video_start=info.text_first,
-                                                seq_len=seq, device=q.device)
-            self.static_layouts[key] = layout
-        return layout
+        return select_layout(cfg, self.static_layouts, self.family, q, k, info)
 
     # ----------------------------------------------------------------- memory
     def _residual_form(self, override: str | None) -> str | None:
-        """The R dtype name of a layer (None: the attention's dtype), or "none" for no R."""
-        if override is not None:
-            return override
-        return self.config.residual_dtype if self.config.use_residual else "none"
-
-    def _entry_bytes(self, q, override: str | None = None) -> int:
-        form = self._residual_form(override)
-        dtype = None if form == "none" else RESIDUAL_DTYPES.get(form, q.dtype)
-        return statistics_bytes(q.shape, dtype, self.config.use_rho)
-
-    def _branches_seen(self) -> int:
-        """CFG branches of this step seen so far (the current one included)."""
-        if isinstance(self.branch, int):
-            return self.branch + 1
-        return max(1, self.records[-1].forwards) if self.records else 1
+        return residual_form(self.config, override)
 
     def _check_budget(self, q, info: CallInfo):
-        """Would the statistics for every sparse layer of the CFG branches seen so far fit the
-        budget? Checked at every call from step 0 on (dense warm-up included): an error at the
-        first call, not an out-of-memory crash mid-generation. Shapes and config only: no sync."""
-        budget = self.config.max_cache_bytes
-        if budget is None:
-            return
-        branches = self._branches_seen()
-        need = sum(n * self._entry_bytes(q, form) for form, n in self._layer_forms.items()) * branches
-        if need > budget:
-            raise budget_error(need, budget, self.n_layers, branches, q.shape)
+        """Would the statistics of every sparse layer for the CFG branches seen so far (the
+        current one included) fit the budget? Checked at every call from step 0 on (dense warm-up
+        included): an error at the first call, not an out-of-memory crash mid-generation."""
+        if self.config.max_cache_bytes is not None:
+            branches = self.branch + 1 if isinstance(self.branch, int) else max(
+                1, self.records[-1].forwards) if self.records else 1
+            check_budget(self.config, self._layer_forms, q, self.n_layers, branches)
 
     # ----------------------------------------------------------------- the call
     def attend(self, q, k, v, scale, info: CallInfo, mask=None):
@@ -344,12 +314,14 @@ class Engine:
             slot.pending.append(SLOWER)
             return self._dense(q, k, v, scale, info)
         key = (self.branch, info.row) if not info.call else (self.branch, info.row, info.call)
-        entry = slot.entries.get(key) if kind == "sparse" else None
+        entry = slot.entries.get(key)
         if kind == "sparse" and (entry is None or entry.shape != tuple(q.shape)):
             kind = "cache"  # no statistics for this call (new shape or branch): refresh them
         if kind == "cache":
-            out, entry = self._cache_step(q, k, v, scale, info, slot.residual)
-            slot.entries[key] = entry
+            out, new = self._cache_step(q, k, v, scale, info, slot.residual)
+            if self.auto is not None and entry is not None and entry.shape == new.shape and out is not None:
+                self.auto.measure(slot.layer, self._stale_error(q, k, v, scale, entry, new, out))
+            slot.entries[key] = entry = new
             if out is None:  # nothing cached (use_rho and R off): the dense output of the step
                 out = self._dense(q, k, v, scale, info)
             slot.pending.append((entry.density, self._finite(out, entry.finite)))
@@ -413,13 +385,7 @@ class Engine:
         # the n-th sparse step after the cache step uses rho_c + (n - 1) * ramp: the entry's rho
         # advances by one ramp after each use (no step counter in the computation, so a compiled
         # graph serves every sparse step); the kernel writes the advanced rho itself.
-        rho, residual = entry.rho, entry.residual
-        if residual is not None and residual.device != q.device:
-            with self.region("bookkeeping", q.device):  # offloaded R back (prefetched on CUDA)
-                residual = self.residuals.fetch(residual, q.device)
-        if entry.residual_scale is not None:
-            with self.region("bookkeeping", q.device):
-                residual = dequantize_fp8(residual, entry.residual_scale, q.dtype)
+        rho, residual = entry.rho, self._residual(entry, q)
         on_device = rho is not None and rho.device == q.device
         with self.region("attention", q.device):  # rescale, residual, ramp, clamp, check: one kernel
             out, rho_next, finite = sparse_step_attention(
@@ -431,6 +397,30 @@ class Engine:
         for observer in self.observers.sparse_outputs:
             observer.on_sparse_output(q, k, v, scale, info, out)
         return out
+
+    def _residual(self, entry: CacheEntry, q):
+        """The entry's R on q's device in q's dtype: offloaded R back (prefetched on CUDA), fp8 R
+        dequantized."""
+        residual = entry.residual
+        if residual is not None and residual.device != q.device:
+            with self.region("bookkeeping", q.device):
+                residual = self.residuals.fetch(residual, q.device)
+        if entry.residual_scale is not None:
+            with self.region("bookkeeping", q.device):
+                residual = dequantize_fp8(residual, entry.residual_scale, q.dtype)
+        return residual
+
+    def _stale_error(self, q, k, v, scale, old: CacheEntry, new: CacheEntry, out_d):
+        """What the statistics a cache step replaces would have given at this step (the adaptive
+        schedule's measure, :mod:`rettn.core.adaptive`): the relative error against ``out_d``,
+        a 0-d tensor. One sparse pass, on the blocks a sparse step would use now."""
+        cfg = self.config
+        layout = new.layout if cfg.reselect == "step" and cfg.pattern == "topk" else old.layout
+        with self.region("attention", q.device):
+            pred, _, _ = sparse_step_attention(
+                q, k, v, layout, old.rho, self._residual(old, q), scale=scale, ramp=0.0,
+                clamp_rho=cfg.clamp_rho, check_finite=False, backend=cfg.backend)
+            return relative_error(pred, out_d)
 
     def _finite(self, out, flag=None):
         """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? ``flag`` is

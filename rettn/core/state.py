@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rettn.core.config import RESIDUAL_DTYPES
 from rettn.errors import MemoryBudgetError, NumericalError
 from rettn.ops.layout import BlockSparseLayout
 
@@ -41,6 +42,30 @@ def budget_error(need: int, budget: int, n_layers: int, branches: int, shape) ->
         "residual_dtype='float16' or 'bfloat16', residual_device='cpu' (offload), "
         "skip_layers=[...] (fewer cached layers), use_residual=False, or a larger budget."
     )
+
+
+def residual_form(config, override: str | None) -> str | None:
+    """A layer's R dtype name (None: the attention's dtype), or "none" for no R: its
+    ``layer_residual`` entry ``override``, else what the config says."""
+    if override is not None:
+        return override
+    return config.residual_dtype if config.use_residual else "none"
+
+
+def check_budget(config, layer_forms, q, n_layers: int, branches: int):
+    """Raise :func:`budget_error` when the statistics of ``n_layers`` layers (``layer_forms``: R
+    form -> layer count) for ``branches`` CFG branches of attention like ``q`` exceed
+    ``config.max_cache_bytes``. Shapes and config only: no sync."""
+    budget = config.max_cache_bytes
+    if budget is None:
+        return
+    need = 0
+    for form, n in layer_forms.items():
+        form = residual_form(config, form)
+        dtype = None if form == "none" else RESIDUAL_DTYPES.get(form, q.dtype)
+        need += n * statistics_bytes(q.shape, dtype, config.use_rho)
+    if need * branches > budget:
+        raise budget_error(need * branches, budget, n_layers, branches, q.shape)
 
 
 @dataclass

@@ -196,7 +196,9 @@ class RettnHandle:
                                  sparse=slot.sparse, dense=dict(slot.dense)))
         kernels = self.engine.dense_kernels
         dense = ", ".join(sorted(kernels, key=lambda n: -kernels[n])) or None
-        return Description(rows, [f.name for f in self.families], self.preset, dense_backend=dense)
+        auto = self.engine.auto
+        return Description(rows, [f.name for f in self.families], self.preset, dense_backend=dense,
+                           schedule=auto.summary() if auto is not None else None)
 
     def reset(self):
         """Drop cached statistics and step history; the next call starts a new generation."""
@@ -245,9 +247,10 @@ class Description:
     attention module) and a readable table (``print(description)``)."""
 
     def __init__(self, rows: list[dict], families: list[str], preset: str | None = None,
-                 dense_backend: str | None = None):
+                 dense_backend: str | None = None, schedule: str | None = None):
         self.rows, self.families, self.preset = rows, families, preset
         self.dense_backend = dense_backend  # the kernel(s) rettn's dense steps ran (None: none yet)
+        self.schedule = schedule  # what the adaptive schedule did (None: a fixed schedule)
 
     def dense_unseen(self) -> list[str]:
         """Modules that rettn targeted but whose calls never reached the engine."""
@@ -257,6 +260,8 @@ class Description:
         lines = [f"rettn: family {', '.join(dict.fromkeys(self.families))}"
                  + (f", preset {self.preset}" if self.preset else "")
                  + (f", dense steps on {self.dense_backend}" if self.dense_backend else "")]
+        if self.schedule:
+            lines.append("schedule: " + self.schedule)
         lines.append("model | module | processor | role | layer | decision | calls | sparse | dense (reason: calls)")
         for r in self.rows:
             dense = "; ".join(f"{k}: {v}" for k, v in r.get("dense", {}).items()) or "-"

@@ -81,3 +81,11 @@ def step_rho(rho, ramp: float, clamp: bool):
     cached value advances by ``ramp`` unclamped (None when ``ramp`` is 0)."""
     rho_next = rho + ramp if ramp else None
     return (rho.clamp(RHO_FLOOR, 1.0) if clamp else rho), rho_next
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``||out - ref|| / ||ref||`` (L2 over every element, float32) as a 0-d tensor on their
+    device (no host read): the staleness measure of the adaptive schedule and of ``rettn
+    calibrate``'s probe."""
+    ref = ref.float()
+    return (out.float() - ref).norm() / ref.norm().clamp_min(1e-12)

@@ -126,14 +126,17 @@ _PERCENT = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*%\s*$")
 
 def schedule_value(text: str):
     """A schedule value as typed: ``"12"`` -> 12 steps, ``"0.3"`` -> the fraction 0.3, ``"30%"`` ->
-    the string ``"30%"`` (passed on: :class:`RettnConfig` decides what it accepts)."""
+    the string ``"30%"``, ``"auto"`` -> ``"auto"`` (passed on: :class:`RettnConfig` decides what it
+    accepts)."""
+    if text.strip().lower() == "auto":
+        return "auto"
     if _PERCENT.match(text):
         return text.strip()
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step count or a fraction, got {text!r} "
-                                         "(e.g. 12, 0.3 or 30%)") from None
+        raise argparse.ArgumentTypeError(f"expected a step count, a fraction or auto, got {text!r} "
+                                         "(e.g. 12, 0.3, 30% or auto)") from None
 
 
 # ---------------------------------------------------------------------------------- config flags
@@ -143,8 +146,12 @@ CONFIG_HELP = {
     "pattern": "block pattern: topk (dynamic, per head), window (1-D band) or frame_window (video)",
     "block_size": "tokens per block",
     "reselect": "when top-k blocks are chosen: at each cache step, or at every sparse step",
-    "warmup": "leading dense steps: a step count (12), a fraction of the steps (0.3) or a percentage (30%%)",
-    "refresh_interval": "a cache step every N steps after warm-up: a count, a fraction or a percentage",
+    "warmup": "leading dense steps: a step count (12), a fraction of the steps (0.3), a percentage (30%%), "
+              "or auto (until the cached statistics settle under --tolerance)",
+    "refresh_interval": "a cache step every N steps after warm-up: a count, a fraction, a percentage, or auto "
+                        "(follows the staleness measured at each cache step)",
+    "tolerance": "the adaptive schedule's tolerance on the relative error of stale statistics (default 0.15; "
+                 "with warmup or refresh-interval auto)",
     "dense_final": "trailing dense steps: a count, a fraction or a percentage",
     "ramp": "the paper's lambda: rho grows by this after each sparse step (default 0.04)",
     "use_rho": "do not rescale by rho (residual only: DiTFastAttn-style)",
@@ -166,14 +173,15 @@ CONFIG_CHOICES = {
 CONFIG_FLAG_NAMES = {"use_rho": "--no-rho", "use_residual": "--no-residual"}
 # Annotation (as written in RettnConfig) -> argument type; None: no flag (set another way).
 _TYPES = {"float": float, "int": nonneg_int, "int | float": schedule_value, "int | float | str": schedule_value, "str": str, "str | None": str,
-          "int | str | None": str, "list[int]": nonneg_int, "int | None": None, "bool": bool}
+          "int | str | None": str, "float | None": float, "list[int]": nonneg_int, "int | None": None, "bool": bool}
 
 # Which fields each command exposes (dataclass order is the order of --help).
-GENERATE_FIELDS = ("keep", "pattern", "block_size", "reselect", "warmup", "refresh_interval", "dense_final", "ramp",
+GENERATE_FIELDS = ("keep", "pattern", "block_size", "reselect", "warmup", "refresh_interval", "dense_final",
+                   "tolerance", "ramp",
                    "use_rho", "use_residual", "min_seq_len", "residual_dtype", "backend",
                    "fallback_when_slower")
 PROFILE_FIELDS = ("keep", "pattern", "block_size", "reselect", "warmup", "refresh_interval", "dense_final",
-                  "min_seq_len", "backend")
+                  "tolerance", "min_seq_len", "backend")
 EVAL_FIELDS = ("block_size", "reselect", "warmup", "refresh_interval", "dense_final", "min_seq_len", "backend")
 
 
@@ -247,8 +255,11 @@ def flags_used(args, fields) -> list[str]:
 def check_config_flags(args, fields) -> None:
     """Each given value against RettnConfig's own rule for its field (its message as it is),
     before anything loads; the combination is checked when the config is built on its preset."""
-    for name, value in config_overrides(args, fields).items():
-        RettnConfig.from_dict({name: value})
+    given = config_overrides(args, fields)
+    for name, value in given.items():  # a tolerance alone: its own range (with "auto" it has a meaning)
+        RettnConfig.from_dict({name: value, **({"refresh_interval": "auto"} if name == "tolerance" else {})})
+    if "warmup" in given and "refresh_interval" in given:  # warmup auto with refresh_interval 1
+        RettnConfig.from_dict({n: given[n] for n in ("warmup", "refresh_interval")})
 
 
 def build_config(args, fields, preset: str | None) -> RettnConfig:

@@ -201,6 +201,9 @@ def run_eval(args) -> dict:
     if bad:
         raise CLIError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     common.check_config_flags(args, FIELDS)
+    if "auto" in (args.warmup, args.refresh_interval):
+        raise CLIError("rettn eval runs every method on one fixed schedule; warmup / refresh_interval 'auto' would "
+                       "decide it per method at run time (scripts/adaptive_heldout.py compares schedules)")
     if args.preset is not None:
         load_preset(args.preset)
     prompts = DEFAULT_PROMPTS

@@ -149,6 +149,9 @@ def calibrate(pipe, prompts, seeds=(0,), *, floor_psnr: float = 30.0, max_attn_e
     resolved = apply_rettention(pipe, config, preset=preset)  # the config apply_rettention would use
     base, preset_name = resolved.config, resolved.preset
     resolved.remove()
+    if base.is_auto:
+        raise ConfigError("rettn calibrate searches fixed schedules: its base has warmup or refresh_interval 'auto' "
+                          "(decided at run time; compare it with scripts/adaptive_heldout.py); give fixed ones")
     all_keeps = tuple(dict.fromkeys(keeps + (base.keep,)))  # the base preset's keep too (the hand row)
     cost_flops = flops_costs(target, all_keeps, base.block_size) if target else None
 

@@ -172,8 +172,8 @@ def profile(args) -> dict:
     preset = args.preset or preset
     config = _config(args, preset)
     target["dtype"] = str(dtype).replace("torch.", "")
-    schedule_kinds = config.schedule(steps).kinds(steps)
-    counts = {k_: schedule_kinds.count(k_) for k_ in KINDS}
+    # an adaptive schedule decides as it runs: its kinds are those its first timed run took
+    schedule_kinds = None if config.is_auto else config.schedule(steps).kinds(steps)
 
     # ---- warm-up (excluded): compiles kernels, allocators, caches, for every step kind. The
     # first rettn run reads the attention shape (a 1-step run without warm-up), then the dense
@@ -207,8 +207,13 @@ def profile(args) -> dict:
               f"rettn {rettn_runs[-1].total_s:.3f} s", file=sys.stderr)
     summary = summarize(dense_runs, rettn_runs, baseline.describe())
     measured = [r.kind for r in rettn_runs[0].steps]
-    if measured != schedule_kinds:
+    if schedule_kinds is None:
+        schedule_kinds = measured
+        notes.append(f"adaptive schedule (tolerance {config.tolerance:g}): the step kinds are those the first timed "
+                     "rettn run took")
+    elif measured != schedule_kinds:
         notes.append(f"the rettn run's step kinds {measured} differ from the schedule's {schedule_kinds}")
+    counts = {k_: schedule_kinds.count(k_) for k_ in KINDS}
 
     load_after = load_average()
     if device.type == "cpu" and load_before is not None and load_before >= (os.cpu_count() or 1):
