@@ -368,3 +368,13 @@ def test_tools_observe_the_engine_without_setting_its_attributes():
     assert capture.shape == tuple(q.shape) and capture.scale == q.shape[-1] ** -0.5
     assert {kind for kind, _ in timer.totals()} == {"cache", "sparse"}
     assert [(s, layer) for s, layer, _ in log.errors] == [(1, 0)]
+
+
+def test_a_bare_engine_refuses_a_mask_in_one_line():
+    from rettn.errors import UnsupportedError
+
+    eng = Engine(RettnConfig(min_seq_len=0), n_layers=1, family="test")
+    q, k, v = qkv(1, 1, 64, 16)
+    eng.on_forward(900.0)
+    with pytest.raises(UnsupportedError, match="only through apply_rettention"):
+        eng.attend(q, k, v, 0.25, CallInfo(layer=0), mask=torch.ones(1, 1, 64, 64, dtype=torch.bool))

@@ -125,7 +125,8 @@ class AutoSchedule:
         if not self.pending:
             return
         layers = [layer for layer, _ in self.pending]
-        errors = torch.stack([e.float().cpu() for _, e in self.pending]).tolist()  # the step's host read
+        device = self.pending[0][1].device
+        errors = torch.stack([e.float().to(device) for _, e in self.pending]).tolist()  # the step's host read
         self.pending = []
         mean, worst = sum(errors) / len(errors), max(errors)
         age, tol = self.age, self.tolerance

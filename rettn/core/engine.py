@@ -28,6 +28,7 @@ from rettn.core.residual import ResidualStore, dequantize_fp8, quantize_fp8
 from rettn.core.state import CacheEntry, CallInfo, LayerSlot, check_budget, not_finite_error, residual_form
 from rettn.core.stats import ScheduleCheck, Stats, StepRecord
 from rettn.core.tracking import StepTracker, progress_kind
+from rettn.errors import UnsupportedError
 from rettn.ops.attention import (
     backend_choices,
     cache_step_attention,
@@ -49,6 +50,12 @@ DROPOUT_CAUSAL = "dropout or causal attention"
 NOT_SELF = "queries and keys differ in length (not self-attention)"
 UNSUPPORTED_ARGS = "arguments rettn does not handle (e.g. GQA)"
 NOT_REACHED = "not reached: the processor computed attention without torch's SDPA"
+
+
+def _no_mask_hook(*call):
+    raise UnsupportedError("rettn's engine takes an attention mask only through apply_rettention's integration "
+                           "(which tells key padding it can express as blocks from other masks); without it, run "
+                           "masked attention yourself")
 
 
 class Engine:
@@ -85,7 +92,7 @@ class Engine:
         # SDPA: (q, k, v, scale, backend name) -> out (set by the integration)
         self.dense_hook = None
         # the output of a masked call under torch.compile: (q, k, v, mask, scale, info) -> out
-        self.mask_hook = None
+        self.mask_hook = _no_mask_hook
         self.costs = CostMeter(config.fallback_when_slower)  # sparse vs dense per call shape (pays.py)
         self.schedule_check = ScheduleCheck()  # never silently dense: warns on a schedule with no sparse step
 
