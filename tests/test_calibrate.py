@@ -14,6 +14,7 @@ import rettn
 from rettn.core.config import RettnConfig, load_preset
 from rettn.core.engine import CallInfo, Engine
 from rettn.core.residual import dequantize_fp8, quantize_fp8
+from rettn.core.state import entry_bytes
 from rettn.errors import ConfigError, UsageError
 from rettn.ops.attention import attention_with_lse, cache_step_attention, sparse_step_attention
 from rettn.tools.calibrate import calibrate
@@ -133,7 +134,7 @@ def test_engine_keeps_r_per_layer():
     assert entries[0].residual.dtype == q.dtype and entries[0].residual_scale is None
     assert entries[1].residual is None and entries[1].rho is not None
     assert entries[2].residual.dtype == torch.float8_e4m3fn and entries[2].residual_scale is not None
-    assert eng.cached_bytes == sum(eng._entry_bytes(q, config.layer_residual.get(i)) for i in range(3))
+    assert eng.cached_bytes == sum(entry_bytes(config, q, config.layer_residual.get(i)) for i in range(3))
     with pytest.raises(ConfigError, match="layer_residual"):
         RettnConfig(layer_residual={0: "bf8"})
 

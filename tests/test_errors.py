@@ -384,7 +384,7 @@ def test_no_command(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--frames", "0"], "argument --frames: expected a positive integer, got '0'"),
-    (["--warmup", "abc"], "argument --warmup: expected a step count or a fraction, got 'abc'"),
+    (["--warmup", "abc"], "argument --warmup: expected a step count, a fraction or auto, got 'abc'"),
     (["--pattern", "diagonal"], "argument --pattern: invalid choice: 'diagonal'"),
     (["--keep", "lots"], "argument --keep: invalid float value: 'lots'"),
 ])

@@ -52,6 +52,13 @@ def residual_form(config, override: str | None) -> str | None:
     return config.residual_dtype if config.use_residual else "none"
 
 
+def entry_bytes(config, q, override: str | None = None) -> int:
+    """Bytes one call like ``q`` caches for a layer whose ``layer_residual`` entry is ``override``."""
+    form = residual_form(config, override)
+    dtype = None if form == "none" else RESIDUAL_DTYPES.get(form, q.dtype)
+    return statistics_bytes(q.shape, dtype, config.use_rho)
+
+
 def check_budget(config, layer_forms, q, n_layers: int, branches: int):
     """Raise :func:`budget_error` when the statistics of ``n_layers`` layers (``layer_forms``: R
     form -> layer count) for ``branches`` CFG branches of attention like ``q`` exceed
@@ -59,11 +66,7 @@ def check_budget(config, layer_forms, q, n_layers: int, branches: int):
     budget = config.max_cache_bytes
     if budget is None:
         return
-    need = 0
-    for form, n in layer_forms.items():
-        form = residual_form(config, form)
-        dtype = None if form == "none" else RESIDUAL_DTYPES.get(form, q.dtype)
-        need += n * statistics_bytes(q.shape, dtype, config.use_rho)
+    need = sum(n * entry_bytes(config, q, form) for form, n in layer_forms.items())
     if need * branches > budget:
         raise budget_error(need * branches, budget, n_layers, branches, q.shape)
 
