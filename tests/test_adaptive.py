@@ -242,3 +242,24 @@ def test_generate_on_the_embedded_model_says_what_the_schedule_did(tmp_path, cap
                  "--out", str(tmp_path / "y.gif")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "tolerance=0.2 has no meaning without warmup='auto'" in err[0]
+
+
+def test_heldout_script_tables_the_stored_measurement(tmp_path):
+    """scripts/adaptive_heldout.py's table and chart from the run docs/quality.md reports."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stored = root / "docs/measurements/2026-12-05-adaptive/adaptive.json"
+    shutil.copy(stored, tmp_path / "adaptive.json")
+    out = subprocess.run([sys.executable, str(root / "scripts/adaptive_heldout.py"), "--table",
+                          str(tmp_path / "adaptive.json")], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(stored.read_text())["rows"]
+    assert len({(r["prompt"], r["seed"]) for r in rows}) == 32  # 16 held-out captions x 2 seeds
+    line = next(x for x in out.splitlines() if x.startswith("| adaptive, tolerance 0.15 |"))
+    numbers = line.split("|", 2)[2]
+    assert "| **adaptive, tolerance 0.15 (default)** |" + numbers in (root / "docs/quality.md").read_text()
+    assert (tmp_path / "adaptive.png").stat().st_size > 10_000
