@@ -34,10 +34,10 @@ HELD_OUT = [c for c in all_captions() if c not in CALIBRATION][::3][:16]
 CALIBRATED = "docs/examples/calibrate/tiny95.yaml"  # rettn calibrate's preset for the embedded model
 # A run's cost in dense steps on the GPU, from the H200 profile of CogVideoX-2B (docs/benchmarks.md,
 # 2026-12-04, second run: dense / cache / sparse step 620.6 / 661.1 / 312.4 ms); the adaptive
-# schedule's measure adds a sparse attention pass per layer at its cache steps, estimated (not
-# measured) as 30 layers x the 0.96 ms sparse kernel
+# schedule's measure adds a sparse attention pass over 4 of the 30 heads of each layer at its
+# cache steps, estimated (not measured) as 30 layers x 4/30 of the 0.96 ms sparse kernel
 STEP_COST = {"dense": 1.0, "cache": 661.1 / 620.6, "sparse": 312.4 / 620.6}
-MEASURE_COST = 30 * 0.96 / 620.6
+MEASURE_COST = 30 * 0.96 * 4 / 30 / 620.6
 
 
 def arms(tolerances):

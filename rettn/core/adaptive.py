@@ -4,7 +4,8 @@ At every cache step rettn computes dense attention anyway. Before it replaces a 
 rho and R there, it measures what those statistics would have given at this step: the sparse
 output rescaled with the old rho (ramped as the next sparse step would use it) plus the old R,
 against the fresh dense output, as a relative L2 error (:func:`rettn.ops.reference.relative_error`,
-the measure ``rettn calibrate``'s probe uses offline). That costs one sparse pass per call.
+the measure ``rettn calibrate``'s probe uses offline), on 4 evenly spaced heads of each call: one
+sparse pass over those heads (:func:`stale_error`).
 
 Decisions are made once per step, at the start of the next step, from the errors measured in
 the steps since (one host read): their mean over the calls of every sparse layer, CFG branch and
@@ -44,11 +45,16 @@ from dataclasses import dataclass
 import torch
 
 from rettn.core.config import AUTO, RettnConfig
+from rettn.core.residual import dequantize_fp8
+from rettn.ops.attention import sparse_step_attention
+from rettn.ops.layout import BlockSparseLayout
+from rettn.ops.reference import relative_error
 
 FLOOR = 0.1  # warmup="auto": this fraction of the steps is dense before any measure (at least 1 step)
 FLOOR_UNKNOWN = 2  # ... without a step count
 CAP = 0.2  # the longest interval, as a fraction of the steps (at least 2 steps)
 CAP_UNKNOWN = 10  # ... without a step count
+HEADS = 4  # the measure runs on this many heads, evenly spaced (all of them when there are fewer)
 
 
 @dataclass
@@ -151,3 +157,33 @@ class AutoSchedule:
                 f", warm-up settled at step {self.settled_at}" if self.settled else
                 ", warm-up never settled (every step a cache step)")
         return head + warm + "; " + "; ".join(str(r) for r in self.refreshes)
+
+
+def stale_error(engine, q, k, v, scale, old, new, out_d) -> torch.Tensor:
+    """What the statistics ``old`` a cache step replaces would have given at this step: the
+    relative error against the step's dense output ``out_d`` (a 0-d tensor, no sync). One sparse
+    pass on :data:`HEADS` evenly spaced heads (CogVideoX-2B: 4 of 30, so about 0.6% of a dense
+    step at the measured kernel speed), on the blocks a sparse step would use now (the cached
+    ones; the fresh ones with ``reselect="step"``). Offloaded R: only those heads come back."""
+    cfg = engine.config
+    layout = new.layout if cfg.reselect == "step" and cfg.pattern == "topk" else old.layout
+    heads = slice(0, q.shape[1], max(1, -(-q.shape[1] // HEADS)))
+
+    def part(t):
+        return t if t is None or t.shape[1] == 1 else t[:, heads]
+
+    sub = BlockSparseLayout(part(layout.kv_num_blocks), part(layout.kv_indices), layout.block_q, layout.block_k,
+                            layout.seq_q, layout.seq_k, validate=False)
+    residual = part(old.residual)
+    with engine.region("attention", q.device):
+        if residual is not None:
+            residual = residual.to(q.device, non_blocking=True)
+            if old.residual_scale is not None:
+                residual = dequantize_fp8(residual, part(old.residual_scale), q.dtype)
+        rho = part(old.rho)
+        qs, ks, vs = (t[:, heads].contiguous() for t in (q, k, v))
+        pred, _, _ = sparse_step_attention(qs, ks, vs, sub, None if rho is None else rho.contiguous(),
+                                           None if residual is None else residual.contiguous(), scale=scale,
+                                           ramp=0.0, clamp_rho=cfg.clamp_rho, check_finite=False,
+                                           backend=cfg.backend)
+        return relative_error(pred, out_d[:, heads])

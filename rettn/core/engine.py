@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 
 from rettn.core import attend_op
-from rettn.core.adaptive import AutoSchedule
+from rettn.core.adaptive import AutoSchedule, stale_error
 from rettn.core.config import FP8_RESIDUAL, RESIDUAL_DTYPES, RettnConfig, Schedule
 from rettn.core.layouts import select_layout
 from rettn.core.observers import Observer, ObserverSet, RegionTimer
@@ -37,7 +37,7 @@ from rettn.ops.attention import (
     sparse_step_attention,
 )
 from rettn.ops.layout import BlockSparseLayout
-from rettn.ops.reference import RHO_FLOOR, relative_error  # noqa: F401  (RHO_FLOOR re-exported)
+from rettn.ops.reference import RHO_FLOOR  # noqa: F401  (re-exported: rho is kept in [RHO_FLOOR, 1])
 
 
 # Why an attention call ran dense (the reasons handle.stats() and handle.describe() show).
@@ -327,7 +327,7 @@ class Engine:
         if kind == "cache":
             out, new = self._cache_step(q, k, v, scale, info, slot.residual)
             if self.auto is not None and entry is not None and entry.shape == new.shape and out is not None:
-                self.auto.measure(slot.layer, self._stale_error(q, k, v, scale, entry, new, out))
+                self.auto.measure(slot.layer, stale_error(self, q, k, v, scale, entry, new, out))
             slot.entries[key] = entry = new
             if out is None:  # nothing cached (use_rho and R off): the dense output of the step
                 out = self._dense(q, k, v, scale, info)
@@ -416,18 +416,6 @@ class Engine:
             with self.region("bookkeeping", q.device):
                 residual = dequantize_fp8(residual, entry.residual_scale, q.dtype)
         return residual
-
-    def _stale_error(self, q, k, v, scale, old: CacheEntry, new: CacheEntry, out_d):
-        """What the statistics a cache step replaces would have given at this step (the adaptive
-        schedule's measure, :mod:`rettn.core.adaptive`): the relative error against ``out_d``,
-        a 0-d tensor. One sparse pass, on the blocks a sparse step would use now."""
-        cfg = self.config
-        layout = new.layout if cfg.reselect == "step" and cfg.pattern == "topk" else old.layout
-        with self.region("attention", q.device):
-            pred, _, _ = sparse_step_attention(
-                q, k, v, layout, old.rho, self._residual(old, q), scale=scale, ramp=0.0,
-                clamp_rho=cfg.clamp_rho, check_finite=False, backend=cfg.backend)
-            return relative_error(pred, out_d)
 
     def _finite(self, out, flag=None):
         """A 0-d bool tensor (no sync here): does ``out`` hold only finite values? ``flag`` is
