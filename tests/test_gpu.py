@@ -55,6 +55,7 @@ CALLS = {
     "test_fp16_scores_beyond_fp16_range_at_gpu_block": [("triton", FP16, 64, BLOCK, RUNS)],
     "test_padding_rows_at_gpu_block": [("triton", BF16, 64, BLOCK, RUNS)],
     "test_auto_backend_on_cuda": [(None, BF16, 64, 64, RUNS)],
+    "test_adaptive_measure_at_gpu_block": [("triton", BF16, 64, BLOCK, RUNS)],
 }
 
 
@@ -174,3 +175,35 @@ def test_auto_backend_on_cuda():
     assert_close_to_truth(out, None, q, k, v, layout, floor=1e-3)
     chosen = att.auto_backend(q, layout)
     assert chosen != "auto" and chosen.split(":")[0] in ("triton", "flex", "torch"), chosen
+
+
+def test_adaptive_measure_at_gpu_block():
+    """The adaptive schedule's staleness measure (rettn.core.adaptive.stale_error) in bf16 on the
+    Triton kernels at block 128: the error the engine records at a cache step is the one a
+    float64 torch reference gives for the same stale statistics and the same heads."""
+    from rettn.core.config import RettnConfig
+    from rettn.core.engine import CallInfo, Engine
+    from rettn.ops.reference import block_sparse_reference
+
+    (backend, dtype, head_dim, block, _), = CALLS["test_adaptive_measure_at_gpu_block"]
+    eng = Engine(RettnConfig(keep=0.0625, block_size=block, warmup="auto", refresh_interval="auto", tolerance=10.0,
+                             min_seq_len=0, num_inference_steps=10, backend=backend), n_layers=1, family="test")
+    info = CallInfo(layer=0, kind="self", dense_spans=[(0, TEXT)])
+    expected = None
+    for step in range(3):  # dense, cache, cache (measured: one-step-old statistics)
+        q, k, v = qkv(B, H, SEQ, head_dim, dtype, DEV, seed=10 + step)
+        eng.on_forward(1000.0 - 100 * step)
+        old = next(iter(eng.cache.values()), None)
+        if old is not None:
+            heads = slice(0, H, max(1, -(-H // 4)))
+            q64, k64, v64 = (t[:, heads].double() for t in (q, k, v))
+            layout = old.layout if old.layout.kv_num_blocks.shape[1] == 1 else type(old.layout)(
+                old.layout.kv_num_blocks[:, heads], old.layout.kv_indices[:, heads], block, block, SEQ, SEQ)
+            pred = old.rho[:, heads].double().unsqueeze(-1) * block_sparse_reference(
+                q64, k64, v64, layout, compute_dtype=torch.float64)[0] + old.residual[:, heads].double()
+            ref = F.scaled_dot_product_attention(q64, k64, v64)
+            expected = float((pred - ref).norm() / ref.norm())
+        eng.attend(q, k, v, head_dim ** -0.5, info)
+    (refresh,) = eng.stats().refreshes
+    assert refresh.step == 2 and refresh.age == 1
+    assert abs(refresh.error - expected) < 0.01 + 0.02 * expected, (refresh.error, expected)
