@@ -133,7 +133,8 @@ def test_pays_line_says_where_sparse_pays():
     assert text == ("rettn here: attention is 12% of a dense step at 1,040 tokens; on this CPU the attention of its "
                     "7 cache + 14 sparse steps (keep 0.125) first costs less than dense at 4k tokens (more at "
                     "1,040-2k), so sparsity does not pay at this run's 1,040 tokens")
-    never = breakeven.line(None, 1040, None, rows[:2], cpu, 0.125, counts)
+    never = breakeven.line(None, 1040, None, rows[:2], cpu, 0.125, counts, 0.2036)
+    assert "(keep 0.125, counted density 0.204) costs more" in never
     assert never.endswith("costs more than dense at every length measured (1,040-2k tokens), so sparsity does not pay here")
     assert breakeven.line((0.5, "dense"), 8192, 8192, [(8192, 1.0, 1.5, 0.2)], cpu, 0.1, counts).endswith(
         "first costs less than dense at 8k tokens, so sparse attention pays at this run's length")

@@ -126,9 +126,10 @@ def short_tokens(n: int) -> str:
 
 
 def line(share, tokens: int, first: int | None, rows: list, device: torch.device, keep: float,
-         counts: dict) -> str:
+         counts: dict, density: float | None = None) -> str:
     """The one line ``rettn generate --compare`` prints (``rows`` from :func:`pays_from`,
-    ``counts`` the run's step kinds)."""
+    ``counts`` the run's step kinds; ``density``: the run's counted density, what the longer
+    lengths were timed at, named beside the config's ``keep``)."""
     where = "this GPU" if device.type == "cuda" else "this CPU"
     text = "rettn here: "
     if share is not None:
@@ -136,7 +137,7 @@ def line(share, tokens: int, first: int | None, rows: list, device: torch.device
     more = [n for n, *_ in rows if n != first]
     span = "-".join(short_tokens(n) for n in dict.fromkeys([more[0], more[-1]])) if more else ""
     text += (f"on {where} the attention of its {counts.get('cache', 0)} cache + {counts.get('sparse', 0)} sparse "
-             f"steps (keep {keep:g}) ")
+             f"steps (keep {keep:g}" + (f", counted density {density:.3f}" if density is not None else "") + ") ")
     if first is None:
         return text + f"costs more than dense at every length measured ({span} tokens), so sparsity does not pay here"
     text += f"first costs less than dense at {short_tokens(first)} tokens" + (f" (more at {span})" if more else "")

@@ -303,7 +303,7 @@ def _pays_line(clocks, stats, config, device):
                                           config.block_size, lengths if rows else [shape[2], *lengths],
                                           counts["cache"], counts["sparse"], backend=config.backend)
         rows += more
-    text = breakeven.line(share, shape[2], first, rows, device, config.keep, counts)
+    text = breakeven.line(share, shape[2], first, rows, device, config.keep, counts, stats.mean_density())
     numbers = {"attention_share": None if share is None else share[0], "sparse_pays_from": first,
                "pays_measured": [{"tokens": n, "dense_s": d, "cache_s": c, "sparse_s": s_,
                                   "per": "step of this run" if i == 0 and paid is not None else "attention call (ops)"}
