@@ -171,7 +171,7 @@ def test_generate_compare_prints_the_pays_line(tmp_path, capsys):
     lines = [ln for ln in out.splitlines() if ln.startswith("rettn here: ")]
     assert len(lines) == 1, out
     assert re.search(r"attention is \d+% of a dense step at 1,040 tokens; on this CPU the attention of its "
-                     r"\d+ cache \+ \d+ sparse steps \(keep 0\.125\) ", lines[0]), lines[0]
+                     r"\d+ cache \+ \d+ sparse steps \(keep 0\.125, counted density 0\.\d{3}\) ", lines[0]), lines[0]
     assert ("costs more than dense at every length measured" in lines[0]) != ("first costs less" in lines[0])
     import json
 
