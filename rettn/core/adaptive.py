@@ -29,11 +29,13 @@ The rules (``n``: the generation's steps; unknown for a bare transformer without
   refresh, at least 1 (a cache step at the next step: measured again at age 1) and at most
   ``max(2, round(0.2 n))`` steps (10 without ``n``). The tolerance thus bounds the error of
   statistics one step older than any sparse step uses;
+- a refresh due at the last step before the dense tail (or the end) runs a dense step instead:
+  nothing would use its statistics, and its output is the dense one anyway;
 - the dense tail (``dense_final``) is as in a fixed schedule; when a pipeline's second
   transformer takes over (Wan 2.2), its layers refresh at once and the interval restarts at 2.
 
 What it does at few steps (nothing measured yet decides the first ones): 4 steps: D C C, then
-S when the one-step error is under the tolerance (else C: no sparse step, which warns);
+S when the one-step error is under the tolerance (else D: no sparse step, which warns);
 8 steps: D C C then S/C by the measure, the cap is 2 (every other step a cache step);
 50 steps: 5 dense steps, cache steps until settled, then intervals 2, 3, ... up to 10.
 """
@@ -120,6 +122,8 @@ class AutoSchedule:
         if step < self.floor or (self.dense_from is not None and step >= self.dense_from):
             return "dense"
         if self.last_cache is None or step - self.last_cache >= self.interval:
+            if self.dense_from is not None and step + 1 >= self.dense_from:
+                return "dense"  # no later step would use its statistics: the same output, cheaper
             self.age = 1 if self.last_cache is None else step - self.last_cache
             self.last_cache = step
             return "cache"
