@@ -53,7 +53,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tune", action="store_true", help="the calibration captions, not the held-out ones")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.3])
+    ap.add_argument("--tolerances", type=float, nargs="+", default=[0.07, 0.09, 0.1, 0.15, 0.2])
     ap.add_argument("--out", default="docs/measurements/adaptive")
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's adaptive.json")
     args = ap.parse_args()

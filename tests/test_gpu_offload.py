@@ -59,3 +59,21 @@ def test_offloaded_residual_survives_its_device_source_being_freed():
     back = store.fetch(host, torch.device("cuda"))
     torch.cuda.synchronize()
     assert torch.equal(back.cpu(), expected)
+
+
+def test_adaptive_measure_reads_offloaded_r_after_its_copy_lands():
+    """The adaptive schedule's measure slices the offloaded R on the host (its sampled heads): it
+    waits for the side stream's copy first, so its errors equal those with R on the device."""
+    def errors(residual_device):
+        cfg = RettnConfig(keep=0.125, block_size=128, warmup="auto", refresh_interval="auto", tolerance=10.0,
+                          min_seq_len=0, num_inference_steps=8, residual_device=residual_device, backend="triton")
+        eng = Engine(cfg, n_layers=2, family="test")
+        for step in range(6):
+            eng.on_forward(1000.0 - 100 * step)
+            for layer in range(2):
+                q, k, v = qkv(2, 8, 1024, 64, torch.bfloat16, "cuda", seed=10 * step + layer)
+                eng.attend(q, k, v, 64 ** -0.5, CallInfo(layer=layer, kind="self"))
+        return [(r.step, r.age, r.error) for r in eng.stats().refreshes]
+
+    on_device, offloaded = errors(None), errors("cpu")
+    assert len(on_device) >= 2 and on_device == offloaded

@@ -24,11 +24,12 @@ The rules (``n``: the generation's steps; unknown for a bare transformer without
   "auto") or the fixed one. A fixed ``warmup`` starts at interval 2 after its dense steps;
 - **interval**: at each refresh the error ``e`` of statistics ``age`` steps old decides the next
   interval. The error grows about linearly with the age (measured on the embedded model: 0.04,
-  0.09, 0.14, 0.19 at ages 1-4), so the next interval is the longest whose extrapolated error
-  stays within the tolerance, ``floor(age * tolerance / e)``, growing by at most one step per
-  refresh, at least 1 (a cache step at the next step: measured again at age 1) and at most
-  ``max(2, round(0.2 n))`` steps (10 without ``n``). The tolerance thus bounds the error of
-  statistics one step older than any sparse step uses;
+  0.09, 0.14, 0.19 at ages 1-4), so the next interval ``I`` is the longest whose sparse steps'
+  oldest statistics (``I - 1`` steps old) have an extrapolated error within the tolerance,
+  ``floor(age * tolerance / e) + 1``, growing by at most one step per refresh, at least 1 (every
+  step a cache step: even one-step-old statistics are over the tolerance, so no sparse step runs
+  until they are under it again) and at most ``max(2, round(0.2 n))`` steps (10 without ``n``).
+  The warm-up's test is the same at interval 2: its sparse steps use one-step-old statistics;
 - a refresh due at the last step before the dense tail (or the end) runs a dense step instead:
   nothing would use its statistics, and its output is the dense one anyway;
 - the dense tail (``dense_final``) is as in a fixed schedule; when a pipeline's second
@@ -36,8 +37,9 @@ The rules (``n``: the generation's steps; unknown for a bare transformer without
 
 What it does at few steps (nothing measured yet decides the first ones): 4 steps: D C C, then
 S when the one-step error is under the tolerance (else D: no sparse step, which warns);
-8 steps: D C C then S/C by the measure, the cap is 2 (every other step a cache step);
-50 steps: 5 dense steps, cache steps until settled, then intervals 2, 3, ... up to 10.
+8 steps: D C C then S/C by the measure, the cap is 2, the last step dense; 50 steps: 5 dense
+steps, cache steps until settled, then intervals 2, 3, ... up to 10. (docs/usage.md has what
+the embedded model did: at 4 and 8 steps its statistics never settle at the default tolerance.)
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class Refresh:
     interval: int
 
     def __str__(self):
-        return (f"step {self.step}: {self.age}-step-old statistics, error {self.error:.4f} (worst "
-                f"{self.worst:.4f}, layer {self.worst_layer}) -> every {self.interval}")
+        return (f"{self.age}-step-old: error {self.error:.4f} (worst {self.worst:.4f}, layer "
+                f"{self.worst_layer}) -> every {self.interval}")
 
 
 class AutoSchedule:
@@ -144,8 +146,8 @@ class AutoSchedule:
             if mean <= tol:
                 self.settled, self.settled_at = True, self.last_cache
                 self.interval = 2 if self.auto_interval else self.fixed
-        elif self.auto_interval:  # error grows about linearly with age: the longest interval under tol
-            fit = int(age * tol / mean) if mean > 0 else self.cap
+        elif self.auto_interval:  # error grows about linearly with age: the sparse steps' oldest within tol
+            fit = int(age * tol / mean) + 1 if mean > 0 else self.cap
             self.interval = max(1, min(self.cap, age + 1, fit))
         self.refreshes.append(Refresh(self.last_cache, age, mean, worst, layers[errors.index(worst)],
                                       len(errors), self.interval))
@@ -160,7 +162,10 @@ class AutoSchedule:
         warm = ("" if cfg.warmup != AUTO else
                 f", warm-up settled at step {self.settled_at}" if self.settled else
                 ", warm-up never settled (every step a cache step)")
-        return head + warm + "; " + "; ".join(str(r) for r in self.refreshes)
+        errors, intervals = [r.error for r in self.refreshes], [r.interval for r in self.refreshes]
+        return (head + warm + f"; {len(errors)} refresh(es) measured: error {min(errors):.3f}-{max(errors):.3f} "
+                f"(mean {sum(errors) / len(errors):.3f}), intervals {min(intervals)}-{max(intervals)} "
+                "(stats().refreshes: each)")
 
 
 def stale_error(engine, q, k, v, scale, old, new, out_d) -> torch.Tensor:
@@ -168,7 +173,9 @@ def stale_error(engine, q, k, v, scale, old, new, out_d) -> torch.Tensor:
     relative error against the step's dense output ``out_d`` (a 0-d tensor, no sync). One sparse
     pass on :data:`HEADS` evenly spaced heads (CogVideoX-2B: 4 of 30, so about 0.6% of a dense
     step at the measured kernel speed), on the blocks a sparse step would use now (the cached
-    ones; the fresh ones with ``reselect="step"``). Offloaded R: only those heads come back."""
+    ones; the fresh ones with ``reselect="step"``). Offloaded R: only those heads come back, once
+    its copy to the host (issued at its cache step, a step or more before) has landed (a host wait
+    on that copy's event, CUDA only)."""
     cfg = engine.config
     layout = new.layout if cfg.reselect == "step" and cfg.pattern == "topk" else old.layout
     heads = slice(0, q.shape[1], max(1, -(-q.shape[1] // HEADS)))
@@ -181,7 +188,9 @@ def stale_error(engine, q, k, v, scale, old, new, out_d) -> torch.Tensor:
     residual = part(old.residual)
     with engine.region("attention", q.device):
         if residual is not None:
-            residual = residual.to(q.device, non_blocking=True)
+            if old.residual.device != q.device:  # offloaded: its copy to the host (a step or more ago) has landed
+                engine.residuals.wait(old.residual)
+            residual = residual.to(q.device)
             if old.residual_scale is not None:
                 residual = dequantize_fp8(residual, part(old.residual_scale), q.dtype)
         rho = part(old.rho)

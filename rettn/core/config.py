@@ -28,7 +28,7 @@ RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 FP8_RESIDUAL = "float8_e4m3fn"
 STEP_KINDS = ("dense", "cache", "sparse")
 AUTO = "auto"  # warmup / refresh_interval decided at run time from the measured staleness (core.adaptive)
-DEFAULT_TOLERANCE = 0.15  # the adaptive schedule's relative-error tolerance when none is given
+DEFAULT_TOLERANCE = 0.09  # the adaptive schedule's relative-error tolerance when none is given
 
 
 def _is_int(x) -> bool:
@@ -169,7 +169,7 @@ class RettnConfig:
             one-step-old statistics stay under ``tolerance``, and the interval follows the error
             measured at each refresh (the longest whose extrapolated error stays within it).
         tolerance: the adaptive schedule's tolerance on the relative L2 error of the stale
-            statistics' output against the dense output at a cache step (default 0.15 when a field
+            statistics' output against the dense output at a cache step (default 0.09 when a field
             is ``"auto"``; an error when none is).
 
     Statistics (use_rho and use_residual both False = plain sparse attention; use_residual only

@@ -267,9 +267,6 @@ class Engine:
         return select_layout(cfg, self.static_layouts, self.family, q, k, info)
 
     # ----------------------------------------------------------------- memory
-    def _residual_form(self, override: str | None) -> str | None:
-        return residual_form(self.config, override)
-
     def _check_budget(self, q, info: CallInfo):
         """Would the statistics of every sparse layer for the CFG branches seen so far (the
         current one included) fit the budget? Checked at every call from step 0 on (dense warm-up
@@ -361,7 +358,7 @@ class Engine:
             layout = self.layout(q, k, info)
             density = layout.density_tensor()
         rho = residual = finite = scale_r = None
-        form = self._residual_form(override)
+        form = residual_form(self.config, override)
         use_residual = form != "none"
         if cfg.use_rho or use_residual:
             fp8 = form == FP8_RESIDUAL

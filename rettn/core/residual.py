@@ -177,6 +177,15 @@ class ResidualStore:
                     return t
         return None
 
+    def wait(self, host: torch.Tensor):
+        """Block until ``host``'s copy from the device has landed (offload on CUDA; a no-op
+        otherwise): before the host itself reads it (the adaptive schedule's head sample)."""
+        with self._lock:
+            seq = self._seq_of.get(id(host))
+            done = self._live[seq][1] if seq is not None and seq in self._live else None
+        if done is not None:
+            done.synchronize()
+
     # ------------------------------------------------------------------ helpers
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)

@@ -108,10 +108,14 @@ class Stats:
             lines.insert(1, "schedule: NO SPARSE STEP: " + self.schedule_warning.removeprefix("rettn: "))
         if self.adaptive:
             lines.insert(1, "schedule: " + self.adaptive)
+        refreshes = {r.step: r for r in self.refreshes}
+        if refreshes:
+            lines[-1] += " | stale statistics (adaptive)"
         for s in self.steps:
             dens = "-" if s.density is None else f"{s.density:.4f}"
+            r = refreshes.get(s.step)
             lines.append(f"{s.step:4d} | {s.kind:6s} | {s.forwards:8d} | {s.sparse_calls:12d} | "
-                         f"{s.dense_calls:11d} | {dens}")
+                         f"{s.dense_calls:11d} | {dens}" + (f" | {r}" if r else ""))
         return "\n".join(lines)
 
 

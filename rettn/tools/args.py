@@ -150,7 +150,7 @@ CONFIG_HELP = {
               "or auto (until the cached statistics settle under --tolerance)",
     "refresh_interval": "a cache step every N steps after warm-up: a count, a fraction, a percentage, or auto "
                         "(follows the staleness measured at each cache step)",
-    "tolerance": "the adaptive schedule's tolerance on the relative error of stale statistics (default 0.15; "
+    "tolerance": "the adaptive schedule's tolerance on the relative error of stale statistics (default 0.09; "
                  "with warmup or refresh-interval auto)",
     "dense_final": "trailing dense steps: a count, a fraction or a percentage",
     "ramp": "the paper's lambda: rho grows by this after each sparse step (default 0.04)",
