@@ -290,6 +290,8 @@ def test_calibrate_rejects_bad_options_before_running(pipe):
         calibrate(pipe, "a prompt, not a list")
     with pytest.raises(ConfigError, match="residuals"):
         calibrate(pipe, ["x"], residuals=("bf8",))
+    with pytest.raises(ConfigError, match="rettn calibrate searches fixed schedules"):
+        calibrate(pipe, ["x"], config=RettnConfig(warmup="auto", refresh_interval="auto"))
 
 
 def test_cli_calibrate_bad_input_is_one_line_exit_2(tmp_path, capsys):
