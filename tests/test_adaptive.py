@@ -108,6 +108,8 @@ def test_fixed_warmup_or_interval_with_the_other_auto_and_dense_final():
     b = AutoSchedule(RettnConfig(warmup="auto", refresh_interval=3), 12)
     assert drive(b, 12, lambda s, age: 0.2 if s < 4 else 0.05) == "DCCCCSSCSSCS"
     assert AutoSchedule(RettnConfig(**AUTO), None).floor == 2  # no step count: 2 dense steps
+    c = AutoSchedule(RettnConfig(warmup="auto", refresh_interval="5%"), 12)  # 5% of 12 rounds to 1 step
+    assert drive(c, 12, lambda s, age: 0.01) == "DCCSCSCSCSCS"  # every 2 at least after the warm-up
 
 
 def test_one_decision_per_step_from_every_call_measured():

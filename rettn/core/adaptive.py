@@ -96,7 +96,8 @@ class AutoSchedule:
         else:
             self.floor = steps(config.warmup)
         self.auto_interval = config.refresh_interval == AUTO
-        self.fixed = None if self.auto_interval else max(1, steps(config.refresh_interval))
+        # a fixed interval after an adaptive warm-up: at least 2 (a fraction may round to 1 step)
+        self.fixed = None if self.auto_interval else max(2, steps(config.refresh_interval))
         self.cap = CAP_UNKNOWN if n is None else max(2, int(round(CAP * n)))
         self.dense_from = None if n is None else n - steps(config.dense_final)
         self.settled = config.warmup != AUTO  # warm-up over (a fixed warm-up needs no measure)
