@@ -88,7 +88,7 @@ def main():
                     handle.remove()
                 c = st.counts()
                 rows.append(dict(arm=name, prompt=prompt, seed=seed, seconds=t, psnr=psnr(dense, out),
-                                 ssim=ssim(dense, out), **c, kinds="".join(k[0].upper() for k in st.kinds()),
+                                 ssim=ssim(dense, out), **c, kinds=st.kind_letters(),
                                  refreshes=[dict(step=r.step, age=r.age, error=r.error, interval=r.interval)
                                             for r in st.refreshes]))
             print(f"{prompt!r} seed {seed}: " + ", ".join(

@@ -142,9 +142,7 @@ class ResidualStore:
 
     def _copy_in(self, host: torch.Tensor, device: torch.device):
         side = self._side(device)
-        with self._lock:
-            seq = self._seq_of.get(id(host))
-            done = self._live[seq][1] if seq is not None else None
+        done = self._copied(host)
         with torch.cuda.stream(side):
             if done is not None:
                 side.wait_event(done)  # its cache-step copy (same stream: ordered; explicit)
@@ -180,11 +178,15 @@ class ResidualStore:
     def wait(self, host: torch.Tensor):
         """Block until ``host``'s copy from the device has landed (offload on CUDA; a no-op
         otherwise): before the host itself reads it (the adaptive schedule's head sample)."""
-        with self._lock:
-            seq = self._seq_of.get(id(host))
-            done = self._live[seq][1] if seq is not None and seq in self._live else None
+        done = self._copied(host)
         if done is not None:
             done.synchronize()
+
+    def _copied(self, host: torch.Tensor):
+        """The event of ``host``'s device-to-host copy (None: not an offloaded CUDA residual)."""
+        with self._lock:
+            seq = self._seq_of.get(id(host))
+            return self._live[seq][1] if seq is not None and seq in self._live else None
 
     # ------------------------------------------------------------------ helpers
     def _side(self, device: torch.device) -> torch.cuda.Stream:

@@ -87,6 +87,10 @@ class Stats:
     def kinds(self) -> list[str]:
         return [s.kind for s in self.steps]
 
+    def kind_letters(self) -> str:
+        """The step kinds as one string: ``"DDCSSCSS"`` (dense, cache, sparse)."""
+        return "".join(s.kind[0].upper() for s in self.steps)
+
     def mean_density(self) -> float | None:
         """Mean counted density over the attention calls that ran sparse (text rows included)."""
         n = sum(s.sparse_calls for s in self.steps)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rettn.diffusers.handle import RettnHandle
 
 from rettn.core import engine as eng
+from rettn.ops.layout import tensor_version
 
 SDPA = F.scaled_dot_product_attention  # torch's own function; rettn never rebinds it
 _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -101,14 +102,6 @@ def _suffix_valid_lengths(mask, batch, seq_k):
     return answer[2:]
 
 
-def _version(t: torch.Tensor):
-    """The tensor's in-place version counter; None for inference tensors, which keep none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
 class _MaskChecks:
     """:func:`_suffix_valid_lengths`'s answers for the last ``size`` mask tensors: the layers of
     one transformer forward get the same mask tensor, and pay the check (and its host read) once.
@@ -124,7 +117,7 @@ class _MaskChecks:
         self._lock = threading.Lock()
 
     def valid_lengths(self, mask, batch, seq_k):
-        version = _version(mask)
+        version = tensor_version(mask)
         if version is None:
             return _suffix_valid_lengths(mask, batch, seq_k)
         key = (batch, seq_k)

@@ -95,7 +95,7 @@ def dense_to_kv(block_mask: torch.Tensor, width: int | None = None):
     return counts, order[..., :width].contiguous()
 
 
-def _version(t: torch.Tensor):
+def tensor_version(t: torch.Tensor):
     """The tensor's in-place version counter; None for inference tensors, which keep none."""
     try:
         return t._version
@@ -124,7 +124,7 @@ class _LayoutMemo:
     def get(self, layout: "BlockSparseLayout", what: str, compute):
         n, idx = layout.kv_num_blocks, layout.kv_indices
         key = (what, id(n), id(idx), layout.block_q, layout.block_k, layout.seq_q, layout.seq_k)
-        stamp = (_version(n), _version(idx))
+        stamp = (tensor_version(n), tensor_version(idx))
         with self._lock:
             while self._dead:
                 self._items.pop(self._dead.pop(), None)

@@ -250,7 +250,7 @@ def _generate_one(args, pipe, prompt, seed, target, device, is_video, config, lp
         record["density"] = stats.mean_density()
         record["steps"] = stats.counts()
         if stats.adaptive:  # what the adaptive schedule did (warmup / refresh_interval "auto")
-            record["schedule"] = "".join(k[0].upper() for k in stats.kinds())
+            record["schedule"] = stats.kind_letters()
             record["refreshes"] = [vars(r) for r in stats.refreshes]
             print(f"{target.name}: {record['schedule']} ({stats.adaptive})")
     _write_media(target, data, is_video, args)
